@@ -299,6 +299,8 @@ class Checkpoint:
                 raise CheckpointError(f"{folder}: tensor {name} has dtype {info.dtype}; jresid reads F32, F16 and BF16")
 
         unused = sorted(name for name in tensors if name not in needed)
+        if config.tie_word_embeddings and "lm_head.weight" in tensors:
+            _warn_if_output_layer_differs(tensors, folder)
         if unused:
             logger.warning("%s: %d tensor(s) in the checkpoint are not used by the model: %s",
                            folder, len(unused), ", ".join(unused[:10]))
@@ -349,7 +351,8 @@ class Checkpoint:
 
         def read_slice(index: tuple[slice, ...]) -> np.ndarray:
             if not rule.per_layer:
-                return np.asarray(view(None)[index], dtype=dtype)
+                # A copy, never a view: the memory map closes after loading.
+                return np.array(view(None)[index], dtype=dtype, copy=True)
             layers = range(config.num_hidden_layers)[index[0]]
             first = view(layers[0])[index[1:]] if len(layers) else None
             out = np.empty((len(layers), *(() if first is None else first.shape)), dtype=dtype)
@@ -358,6 +361,35 @@ class Checkpoint:
             return out
 
         return jax.make_array_from_callback(shape, sharding, read_slice)
+
+
+def _warn_if_output_layer_differs(tensors: dict[str, TensorInfo], folder: str) -> None:
+    """Warn when a tied checkpoint stores an output layer that is not its embedding.
+
+    jresid follows `tie_word_embeddings=true` and uses the embedding; note
+    that transformers 5 instead unties such a model and uses `lm_head.weight`.
+    """
+    embed, head = tensors["model.embed_tokens.weight"], tensors["lm_head.weight"]
+    if embed.shape != head.shape or embed.dtype != head.dtype:
+        differs = True
+    else:
+        maps = _MappedFiles()
+        try:
+            differs = _arrays_differ(maps.view(embed), maps.view(head))
+        finally:
+            maps.release()
+            maps.close()
+    if differs:
+        logger.warning(
+            "%s: config.json says tie_word_embeddings=true but the checkpoint holds an lm_head.weight "
+            "that differs from the embedding; jresid uses the embedding as the output layer, as the "
+            "config says. Set tie_word_embeddings to false to use lm_head.weight instead.", folder)
+
+
+def _arrays_differ(a: np.ndarray, b: np.ndarray) -> bool:
+    # Compare in blocks of about 64 MB so the pages read can be released.
+    rows = max(1, (64 << 20) // max(1, a.strides[0]))
+    return any(not np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, a.shape[0], rows))
 
 
 class _MappedFiles:

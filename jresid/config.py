@@ -269,6 +269,11 @@ def _parse(raw: dict[str, Any], source: str) -> Qwen2Config:
     max_positions = int(raw.get("max_position_embeddings", 32768))
     _positive(max_positions, "max_position_embeddings", source)
 
+    if raw.get("use_mrope"):
+        raise UnsupportedConfigError(
+            f"{source}: use_mrope is true (multimodal rotary embeddings of Qwen2-VL); jresid "
+            "implements the text-only Qwen2 rotary embedding"
+        )
     if raw.get("attention_bias") is False:
         raise UnsupportedConfigError(
             f"{source}: attention_bias is false; Qwen2 attention has q/k/v biases and jresid expects them"

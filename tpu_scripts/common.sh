@@ -13,6 +13,7 @@ SCRIPT_NAME=${0##*/}
 
 # Paths on each TPU worker, relative to the remote user's home directory.
 REMOTE_REPO_DIR=jresid
+# shellcheck disable=SC2034 # used by the scripts that source this file
 REMOTE_RUNS_DIR=jresid-runs
 
 # Option table: one entry per option, in the order shown by --help.
@@ -232,6 +233,7 @@ parse_args() {
                 if [ -z "$EXTRA_ARGS_HELP" ] && [ $# -gt 0 ]; then
                     die_usage "unexpected arguments after --: $*. See $SCRIPT_NAME --help."
                 fi
+                # shellcheck disable=SC2034 # read by the scripts that source this file
                 EXTRA_ARGS=("$@")
                 break
                 ;;
@@ -337,6 +339,7 @@ require_run_id() {
 # Print a path as a word for the remote POSIX shell. A leading "~/" becomes
 # "$HOME"/ so that it still expands although the rest is quoted.
 remote_shell_path() {
+    # shellcheck disable=SC2016,SC2088 # "$HOME" and "~" are for the remote shell
     case $1 in
         '~') printf '"$HOME"' ;;
         '~/'*) printf '"$HOME"/%s' "$(shell_quote "${1#\~/}")" ;;
@@ -349,6 +352,7 @@ remote_shell_path() {
 # protocol; a path that is neither absolute nor "~/..." is taken relative to
 # the repository copy, which is where launch.sh starts the sweep.
 scp_remote_path() {
+    # shellcheck disable=SC2088 # "~" is a path on the worker
     case $1 in
         '~') printf '.' ;;
         '~/'*) printf '%s' "${1#\~/}" ;;
