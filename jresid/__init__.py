@@ -4,17 +4,27 @@ Axis letters used in array names across the package (`x_BTD` is a
 `[batch, position, width]` array):
 
     B batch, T positions, L layers, D model width, H query heads,
-    K key/value heads, E head width, F MLP width, V vocabulary,
-    R rows of a component matrix (H heads plus the MLP).
+    K key/value heads, G query heads per key/value head, E head width,
+    F MLP width, V vocabulary, R rows of a component matrix (H heads
+    plus the MLP), S key positions.
 """
 
+from jresid.capture import ActivationCache, CaptureSpec
+from jresid.checkpoint import CheckpointError
 from jresid.config import ConfigError, Qwen2Config, UnsupportedConfigError
+from jresid.pretrained import Model, from_pretrained, pad_token_ids
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationCache",
+    "CaptureSpec",
+    "CheckpointError",
     "ConfigError",
+    "Model",
     "Qwen2Config",
     "UnsupportedConfigError",
     "__version__",
+    "from_pretrained",
+    "pad_token_ids",
 ]

@@ -336,7 +336,6 @@ class Checkpoint:
             for rule in tensor_rules(self.config):
                 sharding = shardings.get(rule.param, default)
                 params[rule.param] = self._place(rule, dtype, sharding, maps)
-                maps.release()
         finally:
             maps.close()
         return params
@@ -345,19 +344,21 @@ class Checkpoint:
         config = self.config
         shape = param_shape(rule, config)
 
-        def view(layer: int | None) -> np.ndarray:
+        def copy_out(layer: int | None, index: tuple[slice, ...], out: np.ndarray) -> None:
             info = self.tensors[rule.hf_name.format(l=layer)]
-            return rule.to_jresid(maps.view(info), config)
+            out[...] = rule.to_jresid(maps.view(info), config)[index]
+            maps.release(info)
 
         def read_slice(index: tuple[slice, ...]) -> np.ndarray:
+            # Fresh arrays, never views: the memory maps close after loading.
             if not rule.per_layer:
-                # A copy, never a view: the memory map closes after loading.
-                return np.array(view(None)[index], dtype=dtype, copy=True)
+                out = np.empty(_sliced_shape(shape, index), dtype=dtype)
+                copy_out(None, index, out)
+                return out
             layers = range(config.num_hidden_layers)[index[0]]
-            first = view(layers[0])[index[1:]] if len(layers) else None
-            out = np.empty((len(layers), *(() if first is None else first.shape)), dtype=dtype)
+            out = np.empty(_sliced_shape(shape, index), dtype=dtype)
             for i, layer in enumerate(layers):
-                out[i] = view(layer)[index[1:]]
+                copy_out(layer, index[1:], out[i])
             return out
 
         return jax.make_array_from_callback(shape, sharding, read_slice)
@@ -392,6 +393,10 @@ def _arrays_differ(a: np.ndarray, b: np.ndarray) -> bool:
     return any(not np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, a.shape[0], rows))
 
 
+def _sliced_shape(shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(len(range(n)[i]) for n, i in zip(shape, index))
+
+
 class _MappedFiles:
     """Read-only memory maps of checkpoint files, opened on first use."""
 
@@ -407,11 +412,21 @@ class _MappedFiles:
         count = math.prod(info.shape)
         return np.frombuffer(mapping, dtype=info.dtype, count=count, offset=info.start).reshape(info.shape)
 
-    def release(self) -> None:
-        """Drop mapped pages from this process's resident set; the data stays in the page cache."""
-        for mapping in self._maps.values():
-            if hasattr(mmap, "MADV_DONTNEED"):
+    def release(self, info: TensorInfo | None = None) -> None:
+        """Drop mapped pages of one tensor (or of everything) from this process's resident set.
+
+        The data stays in the page cache, so a second read is cheap; without
+        this, every page read would count towards the process's memory until
+        the map closes.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for file, mapping in self._maps.items():
+            if info is None:
                 mapping.madvise(mmap.MADV_DONTNEED)
+            elif file == info.file:
+                start = info.start - info.start % mmap.PAGESIZE
+                mapping.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def close(self) -> None:
         for mapping in self._maps.values():

@@ -16,6 +16,11 @@ REMOTE_REPO_DIR=jresid
 # shellcheck disable=SC2034 # used by the scripts that source this file
 REMOTE_RUNS_DIR=jresid-runs
 
+# Remote shell function: is PID a live process? kill -0 alone also accepts a
+# zombie, which a container without an init process may never reap.
+# shellcheck disable=SC2016,SC2034 # expanded by the remote shell; used by the scripts that source this file
+REMOTE_IS_ALIVE='is_alive() { kill -0 "$1" 2>/dev/null && [ "$(ps -o stat= -p "$1" 2>/dev/null | cut -c1)" != Z ]; }'
+
 # Option table: one entry per option, in the order shown by --help.
 OPTION_FLAGS=()
 OPTION_VARS=()

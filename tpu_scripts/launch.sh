@@ -92,6 +92,7 @@ sweep_command="${sweep_words[*]}"
 metadata_url=http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number
 launch_steps=(
     "set -eu"
+    "$REMOTE_IS_ALIVE"
     "run_dir=\"\$HOME\"/$REMOTE_RUNS_DIR/$RUN"
     "jresid=\"\$HOME\"/$REMOTE_REPO_DIR/.venv/bin/jresid"
     "if [ ! -x \"\$jresid\" ]; then echo \"\$(hostname): \$jresid not found; run setup.sh first\" >&2; exit 1; fi"
@@ -100,7 +101,7 @@ launch_steps=(
     "if [ -z \"\$worker\" ]; then worker=\$(hostname); fi"
     "mkdir -p \"\$run_dir\""
     "host=\"\$run_dir/host-\$worker\""
-    "if [ -f \"\$host.pid\" ] && kill -0 \"\$(cat \"\$host.pid\")\" 2>/dev/null; then echo \"\$(hostname): run $RUN is already running as pid \$(cat \"\$host.pid\"); stop it with stop.sh --run $RUN or pass another --run\" >&2; exit 1; fi"
+    "if [ -f \"\$host.pid\" ] && is_alive \"\$(cat \"\$host.pid\")\"; then echo \"\$(hostname): run $RUN is already running as pid \$(cat \"\$host.pid\"); stop it with stop.sh --run $RUN or pass another --run\" >&2; exit 1; fi"
     "rm -f \"\$host.exit\""
     "cd \"\$HOME\"/$REMOTE_REPO_DIR"
     "echo \"started \$(date -u +%Y-%m-%dT%H:%M:%SZ) on \$(hostname), worker \$worker, run $RUN\" >\"\$host.log\""

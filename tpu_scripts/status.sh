@@ -38,11 +38,12 @@ fi
 
 status_steps=(
     "set -eu"
+    "$REMOTE_IS_ALIVE"
     "base=\"\$HOME\"/$REMOTE_RUNS_DIR"
     "$pick_run"
     "if [ -z \"\$run\" ] || [ ! -d \"\$base/\$run\" ]; then echo \"\$(hostname): no run \${run:-at all} under \$base\" >&2; exit 1; fi"
     "found=0"
-    "for pid_file in \"\$base/\$run\"/host-*.pid; do if [ ! -f \"\$pid_file\" ]; then continue; fi; found=1; host=\${pid_file%.pid}; label=\${host##*/}; pid=\$(cat \"\$pid_file\"); if kill -0 \"\$pid\" 2>/dev/null; then state=\"running as pid \$pid\"; elif [ -f \"\$host.exit\" ]; then state=\"exited with status \$(cat \"\$host.exit\")\"; else state=\"not running and no exit status: stopped, killed, or the worker restarted\"; fi; echo \"[\$label] \$(hostname) run \$run: \$state\"; if [ -f \"\$host.log\" ]; then tail -n $LOG_LINES \"\$host.log\" | sed \"s/^/[\$label] /\"; fi; done"
+    "for pid_file in \"\$base/\$run\"/host-*.pid; do if [ ! -f \"\$pid_file\" ]; then continue; fi; found=1; host=\${pid_file%.pid}; label=\${host##*/}; pid=\$(cat \"\$pid_file\"); if is_alive \"\$pid\"; then state=\"running as pid \$pid\"; elif [ -f \"\$host.exit\" ]; then state=\"exited with status \$(cat \"\$host.exit\")\"; else state=\"not running and no exit status: stopped, killed, or the worker restarted\"; fi; echo \"[\$label] \$(hostname) run \$run: \$state\"; if [ -f \"\$host.log\" ]; then tail -n $LOG_LINES \"\$host.log\" | sed \"s/^/[\$label] /\"; fi; done"
     "if [ \"\$found\" = 0 ]; then echo \"\$(hostname): run \$run has no host-*.pid file under \$base/\$run\" >&2; exit 1; fi"
 )
 status_command=""

@@ -41,9 +41,10 @@ resolve_project
 # guards against a pid that the system has since given to another program.
 stop_steps=(
     "set -eu"
+    "$REMOTE_IS_ALIVE"
     "base=\"\$HOME\"/$REMOTE_RUNS_DIR"
     "stopped=0"
-    "for pid_file in $pid_glob; do if [ ! -f \"\$pid_file\" ]; then continue; fi; pid=\$(cat \"\$pid_file\"); if ! kill -0 \"\$pid\" 2>/dev/null; then continue; fi; case \$(ps -o args= -p \"\$pid\" 2>/dev/null) in *'jresid sweep'*) ;; *) echo \"\$(hostname): pid \$pid in \$pid_file is no longer a jresid sweep; not signalled\" >&2; continue ;; esac; kill -s $signal -- \"-\$pid\"; stopped=\$((stopped + 1)); echo \"\$(hostname): sent SIG$signal to sweep process group \$pid (\$pid_file)\"; done"
+    "for pid_file in $pid_glob; do if [ ! -f \"\$pid_file\" ]; then continue; fi; pid=\$(cat \"\$pid_file\"); if ! is_alive \"\$pid\"; then continue; fi; case \$(ps -o args= -p \"\$pid\" 2>/dev/null) in *'jresid sweep'*) ;; *) echo \"\$(hostname): pid \$pid in \$pid_file is no longer a jresid sweep; not signalled\" >&2; continue ;; esac; kill -s $signal -- \"-\$pid\"; stopped=\$((stopped + 1)); echo \"\$(hostname): sent SIG$signal to sweep process group \$pid (\$pid_file)\"; done"
     "if [ \"\$stopped\" = 0 ]; then echo \"\$(hostname): no running sweep found\"; fi"
 )
 stop_command=""
