@@ -106,8 +106,32 @@ class Model:
         """
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
         spec = CaptureSpec.from_names_filter(names_filter, self.config.num_hidden_layers)
+        rows = ids.shape[0]
+        ids, mask = self.place_batch(ids, mask)
         logits, captures = _run(self.graphdef, self.state, ids, mask, spec)
+        if ids.shape[0] > rows:
+            logits = logits[:rows]
+            captures = {name: value[:rows] for name, value in captures.items()}
         return logits, ActivationCache(captures)
+
+    def place_batch(self, ids_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Put a batch on the mesh's data axis, adding rows until the axis divides the batch.
+
+        Added rows hold one real token (id 0) so that they compute finite
+        numbers; callers drop them from the results.
+        """
+        if self.mesh is None:
+            return ids_BT, mask_BT
+        from jresid import sharding
+
+        rows = sharding.pad_batch(ids_BT.shape[0], self.mesh)
+        if rows > ids_BT.shape[0]:
+            extra = rows - ids_BT.shape[0]
+            ids_BT = jnp.concatenate([ids_BT, jnp.zeros((extra, ids_BT.shape[1]), ids_BT.dtype)])
+            filler = jnp.zeros((extra, mask_BT.shape[1]), mask_BT.dtype).at[:, 0].set(1)
+            mask_BT = jnp.concatenate([mask_BT, filler])
+        placement = sharding.batch_sharding(self.mesh)
+        return jax.device_put(ids_BT, placement), jax.device_put(mask_BT, placement)
 
     def tokenize(self, texts: str | list[str], padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
         """Tokenise text with the checkpoint's tokenizer; returns `(input_ids, attention_mask)`."""
@@ -144,9 +168,15 @@ def _run(graphdef, state, ids_BT, mask_BT, spec: CaptureSpec):
     return output.logits, output.captures
 
 
-def build_module(config: Qwen2Config, params: dict[str, jax.Array], dtype) -> Qwen2:
+def build_module(config: Qwen2Config, params: dict[str, jax.Array], dtype, mesh=None) -> Qwen2:
     """Build the NNX module around already-placed parameters, with no random init."""
-    abstract = nnx.eval_shape(lambda: Qwen2(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    from jresid import sharding
+
+    expand_kv = not sharding.kv_heads_split(config, mesh)
+    resid = None if mesh is None else sharding.residual_sharding(mesh)
+    abstract = nnx.eval_shape(
+        lambda: Qwen2(config, dtype=dtype, rngs=nnx.Rngs(0), expand_kv=expand_kv, resid_sharding=resid)
+    )
     graphdef, abstract_state = nnx.split(abstract)
 
     def fill(path, leaf):
@@ -189,14 +219,14 @@ def from_pretrained(path: str | os.PathLike[str], dtype=None, mesh=None, shardin
     if not os.path.isdir(path):
         raise ConfigError(f"model folder not found: {path}")
     config = Qwen2Config.from_json(path)
-    checkpoint = Checkpoint.open(path, config)
-    target = dtype_from_name(dtype) or checkpoint.storage_dtype
     if mesh is not None and shardings is None:
         from jresid.sharding import parameter_shardings
 
-        shardings = parameter_shardings(config, mesh)
+        shardings = parameter_shardings(config, mesh)  # raises before any weight is read
+    checkpoint = Checkpoint.open(path, config)
+    target = dtype_from_name(dtype) or checkpoint.storage_dtype
     logger.info("loading %s (%d tensors, %.1f MB) as %s", path, len(checkpoint.tensors),
                 checkpoint.nbytes() / 1e6, target.name)
     params = checkpoint.load(target, shardings)
-    module = build_module(config, params, jnp.dtype(target))
+    module = build_module(config, params, jnp.dtype(target), mesh)
     return Model(module, load_tokenizer(path), path, mesh)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+# Eight CPU devices for the sharding tests; must be set before jax starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -17,8 +17,12 @@ from jresid.model.positions import apply_rotary
 class Attention(nnx.Module):
     """Kernels keep the head axis: q `[D, H, E]`, k and v `[D, K, E]`, o `[H, E, D]`."""
 
-    def __init__(self, width, num_heads, num_kv_heads, head_dim, *, dtype, precision, rngs: nnx.Rngs, stack=()):
+    def __init__(self, width, num_heads, num_kv_heads, head_dim, *, dtype, precision, rngs: nnx.Rngs, stack=(),
+                 expand_kv: bool = False):
         init = nnx.initializers.normal(0.02)
+        # expand_kv: copy each key/value head to its query heads before attention, so
+        # that attention splits cleanly by query head when key/value heads are replicated.
+        self.expand_kv = expand_kv
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -47,6 +51,10 @@ class Attention(nnx.Module):
         v_BTKE = jnp.einsum("btd,dke->btke", x_BTD, self.v_kernel[...], precision=p) + self.v_bias[...]
         q_BTHE = apply_rotary(q_BTHE, cos_BTE, sin_BTE)
         k_BTKE = apply_rotary(k_BTKE, cos_BTE, sin_BTE)
+        if self.expand_kv and G > 1:
+            k_BTKE = jnp.repeat(k_BTKE, G, axis=2)
+            v_BTKE = jnp.repeat(v_BTKE, G, axis=2)
+            K, G = self.num_heads, 1
 
         # Scores and softmax in float32 whatever the parameter dtype.
         q_BTKGE = q_BTHE.reshape(B, T, K, G, E)

@@ -62,7 +62,7 @@ def _matmul_precision(dtype) -> jax.lax.Precision:
 class Block(nnx.Module):
     """One pre-norm decoder block: attention then SwiGLU MLP, each added to the stream."""
 
-    def __init__(self, config: Qwen2Config, *, dtype, rngs: nnx.Rngs, stack=()):
+    def __init__(self, config: Qwen2Config, *, dtype, rngs: nnx.Rngs, stack=(), expand_kv: bool = False):
         precision = _matmul_precision(dtype)
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, stack=stack)
         self.attn = Attention(
@@ -74,6 +74,7 @@ class Block(nnx.Module):
             precision=precision,
             rngs=rngs,
             stack=stack,
+            expand_kv=expand_kv,
         )
         self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, stack=stack)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, dtype=dtype, precision=precision,
@@ -109,11 +110,20 @@ class Qwen2(nnx.Module):
     Hugging Face names are listed in `jresid.checkpoint`.
     """
 
-    def __init__(self, config: Qwen2Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: Qwen2Config, *, dtype=jnp.float32, rngs: nnx.Rngs, expand_kv: bool = False,
+                 resid_sharding=None):
+        """
+        Args:
+            expand_kv: expand key/value heads to one per query head before
+                attention (used when a mesh replicates key/value heads).
+            resid_sharding: a sharding to constrain the residual stream to
+                between blocks, or None.
+        """
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        self.resid_sharding = resid_sharding
         self.embed = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.blocks = Block(config, dtype=dtype, rngs=rngs, stack=(config.num_hidden_layers,))
+        self.blocks = Block(config, dtype=dtype, rngs=rngs, stack=(config.num_hidden_layers,), expand_kv=expand_kv)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.lm_head = None if config.tie_word_embeddings else Unembed(
             config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs
@@ -203,9 +213,12 @@ class Qwen2(nnx.Module):
             slot_tables[point] = jnp.asarray(table)
 
         graphdef, stacked_state = nnx.split(self.blocks)
+        resid_sharding = self.resid_sharding
 
         def body(carry, scanned):
             x_BTD, buffers = carry
+            if resid_sharding is not None:
+                x_BTD = jax.lax.with_sharding_constraint(x_BTD, resid_sharding)
             layer, layer_state = scanned
             block = nnx.merge(graphdef, layer_state)
             acts = block(x_BTD, cos_BTE, sin_BTE, allowed_BTS)
