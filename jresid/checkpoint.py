@@ -87,6 +87,20 @@ def _same(weight: np.ndarray, c: Qwen2Config) -> np.ndarray:
     return weight
 
 
+def to_hf_layout(rule: TensorRule, value: np.ndarray, config: Qwen2Config) -> np.ndarray:
+    """Invert `rule.to_jresid` for one layer's array: jresid layout back to Hugging Face's."""
+    hf_shape = rule.hf_shape(config)
+    if rule.to_jresid is _same:
+        return value
+    if rule.to_jresid is _transpose:
+        return value.T
+    if rule.to_jresid is _out_kernel:
+        return value.reshape(-1, config.hidden_size).T
+    if rule.param.endswith("_bias"):
+        return value.reshape(hf_shape)
+    return value.reshape(config.hidden_size, -1).T  # q/k/v kernels
+
+
 def _q_heads(c: Qwen2Config) -> int:
     return c.num_attention_heads
 
@@ -436,6 +450,34 @@ class _MappedFiles:
                 # A NumPy view still points into the map; it closes when collected.
                 pass
         self._maps.clear()
+
+
+def save_pretrained(params: Mapping[str, np.ndarray], config: Qwen2Config, folder: str | os.PathLike[str]) -> None:
+    """Write parameters as a Hugging Face checkpoint (`config.json`, `model.safetensors`).
+
+    Args:
+        params: flat dict from jresid parameter path to array, stacked over
+            layers, as `Checkpoint.load` returns it.
+    """
+    import safetensors.numpy
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    tensors = {}
+    for rule in tensor_rules(config):
+        value = np.asarray(params[rule.param])
+        if rule.per_layer:
+            for layer in range(config.num_hidden_layers):
+                tensors[rule.hf_name.format(l=layer)] = np.ascontiguousarray(to_hf_layout(rule, value[layer], config))
+        else:
+            tensors[rule.hf_name] = np.ascontiguousarray(to_hf_layout(rule, value, config))
+    safetensors.numpy.save_file(tensors, os.path.join(folder, SINGLE_FILE), metadata={"format": "pt"})
+    raw = config.to_dict()
+    names = {_DTYPES[code]: name for name, code in _DTYPE_NAMES.items()}
+    raw["dtype"] = names.get(next(iter(tensors.values())).dtype, "float32")
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2)
+        f.write("\n")
 
 
 def dtype_from_name(name: str | np.dtype | None) -> np.dtype | None:

@@ -50,6 +50,18 @@ class Model:
         return (f"Model({self.path!r}, layers={c.num_hidden_layers}, d_model={c.hidden_size}, "
                 f"heads={c.num_attention_heads}/{c.num_key_value_heads}, dtype={self.dtype.name})")
 
+    def params(self) -> dict[str, jax.Array]:
+        """Return the parameters as a flat dict keyed by path (`blocks.attn.q_kernel`, ...)."""
+        return flat_params(self.state)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        """Write the model as a Hugging Face checkpoint folder, with its tokenizer when it has one."""
+        from jresid.checkpoint import save_pretrained
+
+        save_pretrained({name: np.asarray(value) for name, value in self.params().items()}, self.config, folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+
     def prepare_inputs(self, input_ids, attention_mask=None) -> tuple[jax.Array, jax.Array]:
         """Check token ids and mask, and return them as int32 arrays `[B, T]`.
 
@@ -166,6 +178,14 @@ def _run(graphdef, state, ids_BT, mask_BT, spec: CaptureSpec):
     module = nnx.merge(graphdef, state)
     output = module(ids_BT, mask_BT, capture=spec, return_logits=True)
     return output.logits, output.captures
+
+
+def flat_params(state) -> dict[str, jax.Array]:
+    """Flatten an NNX state into `{"blocks.attn.q_kernel": array, ...}`."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        out[".".join(str(key.key) for key in path if isinstance(key, jax.tree_util.DictKey))] = leaf
+    return out
 
 
 def build_module(config: Qwen2Config, params: dict[str, jax.Array], dtype, mesh=None) -> Qwen2:

@@ -253,3 +253,18 @@ def test_bad_inputs_rejected(tiny_untied, ids, mask, message):
     model = pretrained.from_pretrained(tiny_untied.path)
     with pytest.raises(ValueError, match=message):
         model.run_with_cache(np.array(ids), None if mask is None else np.array(mask))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied"])
+def test_save_pretrained_round_trip(fixture, request, tmp_path):
+    built = request.getfixturevalue(fixture)
+    model = pretrained.from_pretrained(built.path)
+    model.save_pretrained(tmp_path / "saved")
+    original = load_tensors(built.path / "model.safetensors")
+    saved = load_tensors(tmp_path / "saved" / "model.safetensors")
+    if built.tie:
+        original.pop("lm_head.weight", None)
+    assert saved.keys() == original.keys()
+    for name in saved:
+        np.testing.assert_array_equal(saved[name], original[name], err_msg=name)
+    assert Qwen2Config.from_json(tmp_path / "saved") == model.config
