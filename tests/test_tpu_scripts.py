@@ -2,7 +2,7 @@
 
 No test runs the real gcloud or reaches a network. A fake `gcloud` that
 fails loudly comes first on PATH, so any dry run that called gcloud would
-fail; the tests that do run the scripts for real use a fake that records its
+fail. The tests that run the scripts for real use a fake that records its
 arguments instead. The commands the scripts send to the workers run here in
 a temporary home directory with a fake `jresid`.
 """
@@ -524,7 +524,7 @@ def test_missing_settings_named_together(script: str, fake_bin: Path, tmp_path: 
 
 
 INVALID_CASES = [
-    ("create.sh", ["--spot", "--preemptible"], "exclude each other"),
+    ("create.sh", ["--spot", "--preemptible"], "cannot be used together"),
     ("create.sh", ["--bogus"], "unknown option --bogus"),
     ("create.sh", ["stray"], "unexpected argument 'stray'"),
     ("create.sh", ["--spot=yes"], "takes no value"),
@@ -806,11 +806,11 @@ def test_launch_status_stop_on_worker(worker_home: Path, fake_bin: Path, tmp_pat
         assert "already running" in again.stderr
 
         for command in (status, status_latest):
-            shown = run_on_worker(command, worker_home, fake_bin)
-            assert shown.returncode == 0, shown.stderr
-            assert "[host-3] " in shown.stdout
-            assert f"running as pid {pid}" in shown.stdout
-            assert "[host-3] fake jresid: sweep" in shown.stdout
+            status_result = run_on_worker(command, worker_home, fake_bin)
+            assert status_result.returncode == 0, status_result.stderr
+            assert "[host-3] " in status_result.stdout
+            assert f"running as pid {pid}" in status_result.stdout
+            assert "[host-3] fake jresid: sweep" in status_result.stdout
 
         stopped = run_on_worker(stop, worker_home, fake_bin)
         assert stopped.returncode == 0, stopped.stderr
@@ -837,17 +837,17 @@ def test_status_shows_exit_status(worker_home: Path, fake_bin: Path, tmp_path: P
     assert wait_for(exit_file.exists)
     assert wait_for(lambda: exit_file.read_text().strip() == "3")
 
-    shown = run_on_worker(status, worker_home, fake_bin)
-    assert shown.returncode == 0, shown.stderr
-    assert "exited with status 3" in shown.stdout
+    status_result = run_on_worker(status, worker_home, fake_bin)
+    assert status_result.returncode == 0, status_result.stderr
+    assert "exited with status 3" in status_result.stdout
 
 
 def test_status_without_runs_fails(worker_home: Path, fake_bin: Path, tmp_path: Path) -> None:
     (status,) = dry_run_remote_commands("status.sh", fake_bin, tmp_path)
 
-    shown = run_on_worker(status, worker_home, fake_bin)
-    assert shown.returncode == 1
-    assert "no run at all under" in shown.stderr
+    status_result = run_on_worker(status, worker_home, fake_bin)
+    assert status_result.returncode == 1
+    assert "no run at all under" in status_result.stderr
 
 
 def test_launch_needs_installed_jresid(fake_bin: Path, tmp_path: Path) -> None:

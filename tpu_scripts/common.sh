@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared option parsing and command running for the scripts in tpu_scripts/.
-# Source this file; it does nothing when run on its own.
+# Source this file. Run on its own, it does nothing.
 #
 # Each script registers its options with add_option / add_switch, then calls
 # parse_args "$@". A setting comes from its flag, else from its environment
@@ -57,8 +57,8 @@ info() {
 # Register an option that takes a value.
 # Usage: add_option FLAG VAR ENV DEFAULT METAVAR HELP [DEFAULT_TEXT]
 # ENV may be empty. DEFAULT_TEXT replaces DEFAULT in --help when the real
-# default is computed after parsing (an empty DEFAULT means "required" unless
-# DEFAULT_TEXT says otherwise).
+# default is computed after parsing. Without DEFAULT_TEXT, an empty DEFAULT
+# shows as "required".
 add_option() {
     OPTION_FLAGS+=("$1")
     OPTION_VARS+=("$2")
@@ -70,8 +70,8 @@ add_option() {
     OPTION_KINDS+=(value)
 }
 
-# Register an on/off flag. Its variable is 1 or 0; its environment variable
-# accepts 1/true/yes/on and 0/false/no/off.
+# Register an on/off flag. Its variable is 1 or 0, and its environment
+# variable accepts 1/true/yes/on and 0/false/no/off.
 # Usage: add_switch FLAG VAR ENV HELP
 add_switch() {
     OPTION_FLAGS+=("$1")
@@ -116,6 +116,7 @@ usage() {
     if [ -n "$SCRIPT_DESCRIPTION" ]; then
         printf '\n%s\n' "$SCRIPT_DESCRIPTION"
     fi
+
     printf '\nOptions (a flag overrides its environment variable):\n'
     for i in "${!OPTION_FLAGS[@]}"; do
         flag=${OPTION_FLAGS[i]}
@@ -132,6 +133,7 @@ usage() {
         else
             printf '      Environment variable: none.\n'
         fi
+
         default_text=${OPTION_DEFAULT_TEXTS[i]}
         if [ -z "$default_text" ]; then
             if [ -n "${OPTION_DEFAULTS[i]}" ]; then
@@ -142,6 +144,7 @@ usage() {
         fi
         printf '      Default: %s.\n' "$default_text"
     done
+
     printf '  -h, --help\n      Print this help and exit.\n'
     if [ -n "$EXTRA_ARGS_HELP" ]; then
         printf '  -- ARGS...\n      %s\n' "$EXTRA_ARGS_HELP"
@@ -305,7 +308,7 @@ require_gcloud() {
 }
 
 # Fill PROJECT from gcloud's configuration when neither --project nor
-# JRESID_TPU_PROJECT set it. Never called into gcloud under --dry-run.
+# JRESID_TPU_PROJECT set it. Under --dry-run it exits 2 instead of calling gcloud.
 resolve_project() {
     if [ -n "$PROJECT" ]; then
         return 0
@@ -352,10 +355,10 @@ remote_shell_path() {
     esac
 }
 
-# Print a path on a worker in the form scp expects after "NAME:". Paths
-# relative to the remote home directory work with both the scp and the SFTP
-# protocol; a path that is neither absolute nor "~/..." is taken relative to
-# the repository copy, which is where launch.sh starts the sweep.
+# Print a path on a worker in the form scp expects after "NAME:". "~/..."
+# becomes a path relative to the remote home directory, which both the scp
+# and the SFTP protocol accept. A path that is neither absolute nor "~/..."
+# is relative to the repository copy, because launch.sh starts the sweep there.
 scp_remote_path() {
     # shellcheck disable=SC2088 # "~" is a path on the worker
     case $1 in

@@ -3,7 +3,7 @@
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$script_dir/common.sh"
 
 SCRIPT_SUMMARY="Create a Cloud TPU VM, a single host or a multi-host pod slice, with
@@ -31,7 +31,7 @@ add_dry_run_option
 parse_args "$@"
 require_settings PROJECT ZONE NAME ACCELERATOR_TYPE RUNTIME_VERSION
 if [ "$SPOT" = 1 ] && [ "$PREEMPTIBLE" = 1 ]; then
-    die_usage "--spot and --preemptible exclude each other; choose one"
+    die_usage "--spot and --preemptible cannot be used together. Choose one."
 fi
 require_gcloud
 resolve_project

@@ -3,7 +3,7 @@
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$script_dir/common.sh"
 
 SCRIPT_SUMMARY="Copy the output folder of a sweep started by launch.sh back to this
@@ -76,7 +76,7 @@ if [ -z "$WORKER_COUNT" ]; then
         exit 0
     fi
     # NOTE: a TPU VM with more than one network lists several endpoints per
-    # worker, so this count is too high there; pass --workers for such VMs.
+    # worker, which makes this count too high. Pass --workers for such VMs.
     WORKER_COUNT=$(run "${describe_command[@]}")
     require_positive_integer WORKER_COUNT "worker count from gcloud"
 fi

@@ -3,7 +3,7 @@
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$script_dir/common.sh"
 
 SCRIPT_SUMMARY="Start 'jresid sweep' on every worker of a TPU VM at once, detached with
@@ -16,9 +16,9 @@ to host-WORKER.pid and, once the sweep ends, its exit status to host-WORKER.exit
 WORKER is TPU_WORKER_ID when set, else the worker number from the VM's
 metadata (agent-worker-number), else the host name. With --distributed,
 jax.distributed.initialize() runs with no arguments and reads the slice
-layout from the TPU metadata; the sweep gathers the results and writes OUT
-once. PROMPTS, OUT and MODEL are paths on the workers: '~/...' is the
-remote home directory, and a relative path is relative to ~/$REMOTE_REPO_DIR,
+layout from the TPU metadata. The sweep gathers the results and writes OUT
+once. PROMPTS, OUT and a MODEL folder are paths on the workers: '~/...' is
+the remote home directory, and a relative path is relative to ~/$REMOTE_REPO_DIR,
 which setup.sh replaces, so keep OUT outside it.
 Follow the run with status.sh, end it with stop.sh, copy OUT back with fetch.sh."
 EXTRA_ARGS_HELP="Further arguments for 'jresid sweep', appended after --distributed."
@@ -33,7 +33,7 @@ add_option --out OUT JRESID_TPU_OUT "" PATH \
 add_option --model MODEL JRESID_TPU_MODEL "" MODEL \
     "Model for 'jresid sweep --model': a checkpoint folder on every worker, or a Hugging Face model id."
 add_option --batch-size BATCH_SIZE JRESID_TPU_BATCH_SIZE "" N \
-    "Global batch size in prompts, passed to 'jresid sweep --batch-size'."
+    "Batch size, passed to 'jresid sweep --batch-size'."
 add_option --mesh MESH JRESID_TPU_MESH "" data=D,model=M \
     "Device mesh: D data-parallel replicas times M model shards; D x M must equal the slice's device count, and M must divide the model's query heads (40 for QwQ-32B)."
 add_option --run RUN JRESID_TPU_RUN "" RUN \
@@ -85,7 +85,7 @@ for word in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
 done
 sweep_command="${sweep_words[*]}"
 
-# One line of POSIX sh per worker; the braces around the background job let
+# One line of POSIX sh per worker. The braces around the background job let
 # "; " follow it. setsid puts the sweep in its own process
 # group, whose id is the recorded pid, so stop.sh can signal the whole group.
 # The sh -c wrapper records the sweep's exit status in host-WORKER.exit.

@@ -3,7 +3,7 @@
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$script_dir/common.sh"
 
 SCRIPT_SUMMARY="Copy this repository to every worker of a TPU VM and install jresid there,
@@ -100,13 +100,13 @@ gcloud_tpu_vm scp "$archive" "$NAME:$remote_archive" "${scp_flags[@]}"
 # Step 3: unpack and install. The remote commands are POSIX sh on one line,
 # so that --dry-run prints each gcloud command on one line.
 #
-# requirements/constraints.txt is frozen on a CPU machine: it pins jax and
-# jaxlib but has no libtpu. The TPU build comes from the 'tpu' extra of the
-# same jax version, which pins the jaxlib it needs and the libtpu release
-# built for it (jax 0.10.2 requires jaxlib 0.10.2 and libtpu 0.0.42.*), so
-# the TPU runtime replaces the CPU-only one while every other package stays
-# at its locked version. Installing with the same -c file makes pip refuse
-# a jax[tpu] whose pins disagree with the lock.
+# requirements/constraints.txt is frozen on a CPU machine. It pins jax and
+# jaxlib, which on their own run on the CPU only, and has no libtpu. The
+# 'tpu' extra of the same jax version keeps that jaxlib and adds libtpu, the
+# TPU runtime that jax loads as a plugin: jax 0.10.2 requires jaxlib 0.10.2
+# and libtpu 0.0.42.*. Installing it with the same -c file keeps every other
+# package at its locked version, and pip fails if the extra disagrees with
+# the lock.
 py=$(shell_quote "$PYTHON")
 repo_dir="\"\$HOME\"/$REMOTE_REPO_DIR"
 python_hint="install Python 3.11 or newer (for example: sudo apt-get install -y python3.11 python3.11-venv) and rerun setup.sh with --python python3.11"
@@ -135,8 +135,8 @@ for step in "${install_steps[@]}"; do
 done
 ssh_all_workers "$install_command"
 
-# Step 4: every worker must join for jax.distributed.initialize() to return,
-# which --worker=all provides by running the command on all of them at once.
+# Step 4: jax.distributed.initialize() returns only once every worker has
+# joined, so the check must run on all workers at once (--worker=all).
 if [ "$SKIP_CHECK" != 1 ]; then
     check_code='import jax; jax.distributed.initialize(); print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, {jax.device_count()} in total, platform {jax.default_backend()}")'
     ssh_all_workers "cd $repo_dir && .venv/bin/python -c $(shell_quote "$check_code")"

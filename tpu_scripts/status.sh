@@ -3,7 +3,7 @@
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$script_dir/common.sh"
 
 SCRIPT_SUMMARY="Show, for every worker of a TPU VM, whether the sweep started by launch.sh
