@@ -228,7 +228,8 @@ def from_pretrained(path: str | os.PathLike[str], dtype=None, mesh=None, shardin
 
     Args:
         path: folder with `config.json` and `model.safetensors` (or a
-            sharded `model.safetensors.index.json`), and optionally tokenizer files.
+            sharded `model.safetensors.index.json`), and optionally tokenizer
+            files; or a folder written by `jresid convert` (Orbax).
         dtype: parameter dtype, 'float32', 'bfloat16' or 'float16'; `None`
             keeps the checkpoint's storage dtype.
         mesh: a `jax.sharding.Mesh` to shard the parameters over; `None`
@@ -243,10 +244,17 @@ def from_pretrained(path: str | os.PathLike[str], dtype=None, mesh=None, shardin
         from jresid.sharding import parameter_shardings
 
         shardings = parameter_shardings(config, mesh)  # raises before any weight is read
-    checkpoint = Checkpoint.open(path, config)
-    target = dtype_from_name(dtype) or checkpoint.storage_dtype
-    logger.info("loading %s (%d tensors, %.1f MB) as %s", path, len(checkpoint.tensors),
-                checkpoint.nbytes() / 1e6, target.name)
-    params = checkpoint.load(target, shardings)
+
+    from jresid import orbax_store
+
+    if orbax_store.is_orbax_checkpoint(path):
+        params = orbax_store.restore(path, config, dtype_from_name(dtype), shardings)
+        target = np.dtype(next(iter(params.values())).dtype)
+    else:
+        checkpoint = Checkpoint.open(path, config)
+        target = dtype_from_name(dtype) or checkpoint.storage_dtype
+        logger.info("loading %s (%d tensors, %.1f MB) as %s", path, len(checkpoint.tensors),
+                    checkpoint.nbytes() / 1e6, target.name)
+        params = checkpoint.load(target, shardings)
     module = build_module(config, params, jnp.dtype(target), mesh)
     return Model(module, load_tokenizer(path), path, mesh)
