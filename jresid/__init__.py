@@ -13,11 +13,16 @@ from jresid.capture import ActivationCache, CaptureSpec
 from jresid.checkpoint import CheckpointError
 from jresid.config import ConfigError, Qwen2Config, UnsupportedConfigError
 from jresid.pretrained import Model, from_pretrained, pad_token_ids
+from jresid.analyze import AnalysisResult, analyze  # noqa: E402  (needs the names above)
+from jresid.metrics import MetricOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
+    "AnalysisResult",
+    "MetricOptions",
+    "analyze",
     "CaptureSpec",
     "CheckpointError",
     "ConfigError",

@@ -142,8 +142,7 @@ class Model:
             ids_BT = jnp.concatenate([ids_BT, jnp.zeros((extra, ids_BT.shape[1]), ids_BT.dtype)])
             filler = jnp.zeros((extra, mask_BT.shape[1]), mask_BT.dtype).at[:, 0].set(1)
             mask_BT = jnp.concatenate([mask_BT, filler])
-        placement = sharding.batch_sharding(self.mesh)
-        return jax.device_put(ids_BT, placement), jax.device_put(mask_BT, placement)
+        return sharding.put_batch(np.asarray(ids_BT), self.mesh), sharding.put_batch(np.asarray(mask_BT), self.mesh)
 
     def tokenize(self, texts: str | list[str], padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
         """Tokenise text with the checkpoint's tokenizer; returns `(input_ids, attention_mask)`."""

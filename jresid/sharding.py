@@ -173,6 +173,21 @@ def bytes_per_device(config: Qwen2Config, mesh: Mesh, itemsize: int) -> int:
     return total
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put_batch(array: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """Place a host array whose first axis is the batch on the data axis (every process passes the same array)."""
+    if mesh is None:
+        return jax.numpy.asarray(array)
+    placement = batch_sharding(mesh)
+    if jax.process_count() > 1:
+        array = np.asarray(array)
+        return jax.make_array_from_callback(array.shape, placement, lambda index: array[index])
+    return jax.device_put(array, placement)
+
+
 def pad_batch(batch: int, mesh: Mesh | None) -> int:
     """Smallest batch size at or above `batch` that the data axis divides."""
     if mesh is None:

@@ -1,0 +1,263 @@
+"""The single compiled program: forward pass with the metrics inside the layer loop.
+
+`analyze` runs one `jax.jit` program that embeds the tokens, scans over the
+blocks and, inside each step of the scan, computes the block's update
+`u = resid_post - resid_pre` and its four metrics for every sequence
+(`jax.vmap` over the batch). Only `[B, L, T]` numbers leave the loop, so no
+`[L, B, T, D]` stack of activations is ever held; requested captures are
+written into their own buffers alongside.
+
+Prompt lengths are padded up to a small set of buckets, so a sweep over
+prompts of many lengths compiles a bounded number of programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jresid import distributed
+from jresid import metrics as metrics_lib
+from jresid import modes as modes_lib
+from jresid import sharding as sharding_lib
+from jresid.capture import ActivationCache, CaptureSpec, NamesFilter
+from jresid.metrics import MetricOptions
+from jresid.pretrained import Model
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("energy", "innovation", "expansion", "complexity")
+
+# Smallest bucket, and the step above which buckets grow linearly instead of doubling.
+_MIN_BUCKET = 16
+_LINEAR_BUCKET_STEP = 1024
+
+
+def bucket_length(length: int) -> int:
+    """Return the padded length for a prompt of `length` tokens.
+
+    Powers of two from 16 up to 1024, then multiples of 1024: at most
+    7 + ceil(T / 1024) distinct lengths for prompts up to T tokens, and
+    never more than double the work of the unpadded prompt.
+    """
+    if length <= 0:
+        raise ValueError(f"length must be positive, got {length}")
+    if length <= _LINEAR_BUCKET_STEP:
+        return max(_MIN_BUCKET, 1 << (length - 1).bit_length())
+    return -(-length // _LINEAR_BUCKET_STEP) * _LINEAR_BUCKET_STEP
+
+
+@dataclasses.dataclass
+class AnalysisResult:
+    """What `analyze` returns. Per-token arrays are `[B, L, T]` float32, NaN at padding.
+
+    Attributes:
+        energy, innovation, expansion, complexity: per-token metrics.
+        mode: `[B, L, T]` int8 mode codes; `mode_names[code]` is the label.
+        sequence_complexity: `[B, L]` complexity of all valid updates of a
+            layer taken together.
+        valid: `[B, T]` bool, the real tokens.
+        input_ids: `[B, T]` the token ids analysed.
+        calibration: the tercile boundaries used for the mode labels.
+        options: the metric options used.
+        cache: captured activations, when requested.
+    """
+
+    energy: np.ndarray
+    innovation: np.ndarray
+    expansion: np.ndarray
+    complexity: np.ndarray
+    mode: np.ndarray
+    sequence_complexity: np.ndarray
+    valid: np.ndarray
+    input_ids: np.ndarray
+    calibration: modes_lib.Calibration
+    options: MetricOptions
+    cache: ActivationCache | None = None
+    mode_names: tuple[str, ...] = modes_lib.MODE_NAMES
+
+    @property
+    def num_layers(self) -> int:
+        return self.energy.shape[1]
+
+    def layer_means(self) -> dict[str, np.ndarray]:
+        """Per-layer mean of each metric over valid tokens with a finite value, `[L]` each."""
+        out = {}
+        for name in METRIC_NAMES:
+            values = getattr(self, name)
+            with np.errstate(invalid="ignore"):
+                out[name] = np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=(0, 2))
+        out["sequence_complexity"] = np.nanmean(self.sequence_complexity, axis=0)
+        return out
+
+    def mode_shares(self) -> dict[str, np.ndarray]:
+        """Per-layer share of valid tokens carrying each mode label, `[L]` each."""
+        valid_B1T = self.valid[:, None, :]
+        count = valid_B1T.sum(axis=(0, 2)) * np.ones(self.num_layers)
+        return {
+            name: ((self.mode == code) & valid_B1T).sum(axis=(0, 2)) / np.maximum(count, 1)
+            for code, name in enumerate(self.mode_names)
+        }
+
+    def summary_table(self) -> str:
+        """A plain-text per-layer table of metric means and mode shares."""
+        means = self.layer_means()
+        shares = self.mode_shares()
+        header = (f"{'layer':>5} {'energy':>10} {'innovation':>10} {'expansion':>9} {'complexity':>10} "
+                  f"{'seq.compl':>9} " + " ".join(f"{name[:12]:>12}" for name in self.mode_names))
+        lines = [header]
+        for layer in range(self.num_layers):
+            row = (f"{layer:>5} {means['energy'][layer]:>10.4g} {means['innovation'][layer]:>10.4f} "
+                   f"{means['expansion'][layer]:>9.4f} {means['complexity'][layer]:>10.4f} "
+                   f"{means['sequence_complexity'][layer]:>9.3f} ")
+            row += " ".join(f"{shares[name][layer]:>12.1%}" for name in self.mode_names)
+            lines.append(row)
+        return "\n".join(lines)
+
+
+def analyze(
+    model: Model,
+    input_ids,
+    attention_mask=None,
+    *,
+    calibration: modes_lib.Calibration | str | None = None,
+    names_filter: NamesFilter = (),
+    bucket: bool = True,
+    **options: Any,
+) -> AnalysisResult:
+    """Run the model and compute every residual-update metric and mode label.
+
+    Args:
+        model: a model from `jresid.from_pretrained`.
+        input_ids: `[B, T]` or `[T]` token ids.
+        attention_mask: 1 for real tokens, 0 for padding (either side).
+        calibration: tercile boundaries for the mode labels, as a
+            `Calibration` or the path of a saved one. `None` calibrates on
+            this run's own tokens.
+        names_filter: capture points to return alongside, as in
+            `Model.run_with_cache`; empty by default.
+        bucket: pad the length up to a bucket (see `bucket_length`) so that
+            calls with different lengths share compiled programs.
+        **options: metric options (`history`, `window`, `decay`,
+            `energy_fraction`, `complexity_basis`, `complexity_window`,
+            `rank_measure`, `rtol`, `eps`); see `jresid.metrics.MetricOptions`.
+
+    Raises:
+        ValueError: an unknown option or an invalid value, before any compute.
+    """
+    options.setdefault("sequence_complexity", True)
+    metric_options = MetricOptions(**options)
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = modes_lib.Calibration.load(calibration)
+    if calibration is not None:
+        calibration.check_compatible(model.config.num_hidden_layers)
+    spec = CaptureSpec.from_names_filter(names_filter, model.config.num_hidden_layers)
+
+    ids_BT, mask_BT = model.prepare_inputs(input_ids, attention_mask)
+    B, T = ids_BT.shape
+    padded = bucket_length(T) if bucket else T
+    if padded > T:
+        ids_BT = jnp.pad(ids_BT, ((0, 0), (0, padded - T)))
+        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, padded - T)))
+
+    # Rows that place_batch adds to fill the mesh's data axis stay out of the calibration.
+    real_rows_B = np.zeros(sharding_lib.pad_batch(B, model.mesh), dtype=np.int32)
+    real_rows_B[:B] = 1
+    ids_BT, mask_BT = model.place_batch(ids_BT, mask_BT)
+
+    # Metadata stays out of the compiled program, so that a loaded calibration adds no compilation.
+    boundaries = None if calibration is None else dataclasses.replace(
+        calibration, options=None, model_id="", energy=jnp.asarray(calibration.energy, jnp.float32),
+        expansion=jnp.asarray(calibration.expansion, jnp.float32),
+        complexity=jnp.asarray(calibration.complexity, jnp.float32), tokens=None)
+    real_rows_B = sharding_lib.put_batch(real_rows_B, model.mesh)
+    # TODO: with several processes (jax.distributed on CPU with gloo) this program
+    # does not finish; run_with_cache does. Single-process meshes work.
+    replicated = None if model.mesh is None else sharding_lib.replicated(model.mesh)
+    out = _analyze_program(model.graphdef, model.state, ids_BT, mask_BT, real_rows_B,
+                           metric_options, spec, boundaries, replicated)
+    out = distributed.gather(out)
+
+    per_token = {name: np.asarray(out[name])[:B, :, :T] for name in (*METRIC_NAMES, "mode")}
+    if calibration is None:
+        found = out["boundaries"]
+        calibration = modes_lib.Calibration(
+            energy=np.asarray(found.energy), expansion=np.asarray(found.expansion),
+            complexity=np.asarray(found.complexity), tokens=np.asarray(found.tokens),
+            options=metric_options, model_id=model.path or "",
+        )
+    cache = None
+    if not spec.is_empty:
+        cache = ActivationCache({name: np.asarray(value)[:B, :T] for name, value in out["captures"].items()})
+    return AnalysisResult(
+        **{name: per_token[name] for name in METRIC_NAMES},
+        mode=per_token["mode"],
+        sequence_complexity=np.asarray(out["sequence_complexity"])[:B],
+        valid=np.asarray(out["valid"])[:B, :T].astype(bool),
+        input_ids=np.asarray(out["input_ids"])[:B, :T],
+        calibration=calibration,
+        options=metric_options,
+        cache=cache,
+    )
+
+
+def compile_count() -> int:
+    """Number of programs `analyze` has compiled in this process."""
+    return _analyze_program._cache_size()
+
+
+def block_metrics(block, acts, valid_BT, options: MetricOptions):
+    """The metrics of one block for a batch: the function `analyze` runs inside the layer loop."""
+    u_BTD = acts.resid_post.astype(jnp.float32) - acts.resid_pre.astype(jnp.float32)
+    if options.complexity_basis == "components":
+        heads_BTHD = block.attn.head_results(acts.z).astype(jnp.float32)
+        mlp_BT1D = acts.mlp_out.astype(jnp.float32)[:, :, None, :]
+        components_BTRD = jnp.concatenate([heads_BTHD, mlp_BT1D], axis=2)
+        return jax.vmap(lambda u, v, c: metrics_lib.layer_metrics(u, v, c, options))(
+            u_BTD, valid_BT, components_BTRD
+        )
+    return jax.vmap(lambda u, v: metrics_lib.layer_metrics(u, v, None, options))(u_BTD, valid_BT)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 8))
+def _analyze_program(graphdef, state, ids_BT, mask_BT, real_rows_B, options: MetricOptions, spec: CaptureSpec,
+                     boundaries, replicated=None):
+    module = nnx.merge(graphdef, state)
+    output = module(
+        ids_BT,
+        mask_BT,
+        capture=spec,
+        layer_fn=functools.partial(block_metrics, options=options),
+        return_logits=False,
+    )
+    per_layer = output.layer_outputs  # fields [L, B, T], sequence_complexity [L, B]
+    values = {name: jnp.swapaxes(getattr(per_layer, name), 0, 1) for name in METRIC_NAMES}
+    valid_BT = mask_BT.astype(bool)
+
+    if boundaries is None:
+        calibration_rows_BT = valid_BT & (real_rows_B[:, None] > 0)
+        boundaries = modes_lib.calibrate(values["energy"], values["expansion"], values["complexity"],
+                                         calibration_rows_BT)
+    mode_BLT = modes_lib.label_modes(values["energy"], values["expansion"], values["complexity"], boundaries,
+                                     valid_BT)
+    out = {
+        **values,
+        "mode": mode_BLT,
+        "sequence_complexity": jnp.swapaxes(per_layer.sequence_complexity, 0, 1),
+        "boundaries": boundaries,
+        "captures": output.captures,
+        "valid": valid_BT,
+        "input_ids": ids_BT,
+    }
+    if replicated is not None:
+        # Every process gets the whole (small) result, so none needs a gather afterwards.
+        out = jax.lax.with_sharding_constraint(out, replicated)
+    return out

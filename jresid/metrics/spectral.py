@@ -1,0 +1,224 @@
+"""Symmetric eigen helpers whose derivatives stay finite.
+
+JAX differentiates `eigh` through its eigenvectors, whose derivative has
+1 / (lambda_i - lambda_j) factors: repeated eigenvalues (an all-zero window, a
+history of orthogonal updates of equal norm) give inf or NaN gradients even
+when only eigenvalues are used. The functions here define their own JVPs:
+
+* `eigvalsh`: d lambda_j = v_j^T dA v_j, which needs no eigenvalue gaps.
+* `pinv_quadratic_form`: b^T f(A) b for the truncated pseudo-inverse f, with
+  the Daleckii-Krein formula for d f(A), whose divided differences are taken
+  in closed form so that equal eigenvalues give the derivative limit.
+
+Every function works on batches: leading axes of `a_NN` are batch axes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def computed_after(value, *dependencies):
+    """Return `value` unchanged, as a value XLA may only use once `dependencies` exist.
+
+    Every eigensolver call must go through this. jaxlib 0.10's batched
+    LAPACK kernels split their batch over XLA's CPU thread pool and block
+    until the pieces finish. Two such calls running at once can occupy every
+    thread of the pool while waiting for pieces queued behind each other, and
+    the program hangs (seen with independent eigh calls on a 2-core machine).
+    Chaining each call's input on the previous call's output keeps at most
+    one in flight.
+    """
+    value, _ = jax.lax.optimization_barrier((value, dependencies))
+    return value
+
+
+def symmetrize(a_NN: jax.Array) -> jax.Array:
+    """Return (A + A^T) / 2, the matrix `eigh` effectively decomposes."""
+    return 0.5 * (a_NN + jnp.swapaxes(a_NN, -1, -2))
+
+
+# Largest relative row length `row_floor` ever returns.
+MAX_ROW_FLOOR = 2.0**-20
+
+# Eigenvalue given to removed rows. It is negative, so every keep rule and
+# rank measure ignores it, and it stays decoupled from the other rows, so
+# eigh never works on a block of exact zeros (another slow case of LAPACK).
+REMOVED_ROW_EIGENVALUE = -1.0
+
+
+def row_floor(rtol: float) -> float:
+    """Return the relative row length at or below which a Gram row is removed.
+
+    Such a row has a singular value below rtol / 8 of the largest, so the
+    rank rule drops its own direction, and it moves the kept eigenvalues by
+    at most (rtol / 8)^2 of the largest. Keeping it would cost time instead:
+    LAPACK's eigensolver slows down about 30 times (measured with jax 0.10.2
+    on x86_64) when the products of such small entries approach float32
+    subnormals.
+    """
+    return min(MAX_ROW_FLOOR, rtol / 8.0)
+
+
+def gram_from_scaled_rows(
+    scale_N: jax.Array, block_NN: jax.Array, floor: float
+) -> tuple[jax.Array, jax.Array]:
+    """Return the Gram matrix scale_i * scale_j * block_ij and the scales it used.
+
+    `scale_N` contains row lengths divided by the largest (so at most 1),
+    and `block_NN` the cosines between the rows. Rows with scale at or below
+    `floor` (see `row_floor`) get scale 0 and a decoupled
+    REMOVED_ROW_EIGENVALUE.
+    """
+    used_N = scale_N > floor
+    scale_N = jnp.where(used_N, scale_N, 0.0)
+    gram_NN = scale_N[..., :, None] * scale_N[..., None, :] * block_NN
+    removed_N = jnp.where(used_N, 0.0, REMOVED_ROW_EIGENVALUE).astype(gram_NN.dtype)
+    gram_NN = gram_NN + removed_N[..., :, None] * jnp.eye(gram_NN.shape[-1], dtype=gram_NN.dtype)
+    return gram_NN, scale_N
+
+
+def remove_small_rows(gram_NN: jax.Array, floor: float) -> jax.Array:
+    """Return a Gram matrix whose rows of norm <= `floor` times the largest are removed.
+
+    The removed rows get a decoupled REMOVED_ROW_EIGENVALUE; see
+    `gram_from_scaled_rows` and `row_floor`.
+    """
+    diagonal_N = jnp.diagonal(gram_NN, axis1=-2, axis2=-1)
+    largest = jnp.max(diagonal_N, axis=-1, keepdims=True)
+    used_N = diagonal_N > (floor * floor) * largest
+    kept_NN = used_N[..., :, None] & used_N[..., None, :]
+    gram_NN = jnp.where(kept_NN, gram_NN, 0.0)
+    removed_N = jnp.where(used_N, 0.0, REMOVED_ROW_EIGENVALUE).astype(gram_NN.dtype)
+    return gram_NN + removed_N[..., :, None] * jnp.eye(gram_NN.shape[-1], dtype=gram_NN.dtype)
+
+
+def _sandwich(v_NN: jax.Array, a_NN: jax.Array) -> jax.Array:
+    """Return V^T A V."""
+    return jnp.swapaxes(v_NN, -1, -2) @ a_NN @ v_NN
+
+
+@jax.custom_jvp
+def eigvalsh(a_NN: jax.Array) -> jax.Array:
+    """Return the eigenvalues of the symmetrized matrix, in ascending order."""
+    return jnp.linalg.eigvalsh(symmetrize(a_NN))
+
+
+@eigvalsh.defjvp
+def _eigvalsh_jvp(primals, tangents):
+    (a_NN,) = primals
+    (da_NN,) = tangents
+    w_N, v_NN = jnp.linalg.eigh(symmetrize(a_NN))
+
+    # First-order perturbation of each eigenvalue. Inside a cluster of equal
+    # eigenvalues the split between them depends on the basis eigh returned,
+    # but every symmetric function of the eigenvalues gets the right
+    # derivative, and nothing here divides by a gap.
+    dw_N = jnp.einsum("...ji,...jk,...ki->...i", v_NN, symmetrize(da_NN), v_NN)
+    return w_N, dw_N
+
+
+def keep_mask(w_N: jax.Array, rtol: float, energy_fraction: float | None = None) -> jax.Array:
+    """Select the eigenvalues of a PSD Gram matrix that span the kept subspace.
+
+    An eigenvalue is kept when it is positive, exceeds rtol^2 times the
+    largest one (the singular value rule sigma > rtol * sigma_max), and, when
+    `energy_fraction` is given, when the eigenvalues strictly larger than it
+    sum to less than `energy_fraction` of the trace. That last rule keeps the
+    smallest leading set that reaches the fraction, and keeps tied
+    eigenvalues together so that the subspace does not depend on the basis
+    eigh picked inside a cluster.
+
+    Args:
+        w_N: Eigenvalues; leading axes are batch axes.
+        rtol: Relative singular value cut.
+        energy_fraction: Fraction of the trace to keep, or None for the rank
+            rule alone.
+
+    Returns:
+        Boolean mask of the same shape as `w_N`.
+    """
+    w_N = jnp.maximum(w_N, 0.0)
+    w_max = jnp.max(w_N, axis=-1, keepdims=True)
+    keep_N = (w_N > 0.0) & (w_N > (rtol * rtol) * w_max)
+    if energy_fraction is not None and energy_fraction < 1.0:
+        larger_NN = w_N[..., None, :] > w_N[..., :, None]
+        mass_above_N = jnp.sum(jnp.where(larger_NN, w_N[..., None, :], 0.0), axis=-1)
+        total = jnp.sum(w_N, axis=-1, keepdims=True)
+        keep_N = keep_N & (mass_above_N < energy_fraction * total)
+    return keep_N
+
+
+def _inverse_where(keep_N: jax.Array, w_N: jax.Array) -> jax.Array:
+    """Return 1 / w on kept entries and 0 elsewhere, with finite gradients."""
+    return jnp.where(keep_N, 1.0 / jnp.where(keep_N, w_N, 1.0), 0.0)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def pinv_quadratic_form(
+    gram_NN: jax.Array,
+    b_N: jax.Array,
+    rtol: float,
+    energy_fraction: float | None = None,
+) -> jax.Array:
+    """Return b^T G_k^+ b, with G_k^+ the pseudo-inverse on the kept eigenvectors.
+
+    For a history matrix H with G = H H^T and b = H x, this is the squared
+    norm of x projected onto the right singular vectors of H that
+    `keep_mask(rtol, energy_fraction)` keeps.
+
+    Args:
+        gram_NN: PSD Gram matrices; leading axes are batch axes.
+        b_N: Vectors matching `gram_NN`'s leading axes.
+        rtol: Relative singular value cut (static).
+        energy_fraction: Energy rule of `keep_mask`, or None (static).
+
+    Returns:
+        The quadratic forms, one per batch entry.
+    """
+    w_N, v_NN = jnp.linalg.eigh(symmetrize(gram_NN))
+    keep_N = keep_mask(w_N, rtol, energy_fraction)
+    y_N = jnp.einsum("...ji,...j->...i", v_NN, b_N)
+    return jnp.sum(_inverse_where(keep_N, w_N) * y_N * y_N, axis=-1)
+
+
+@pinv_quadratic_form.defjvp
+def _pinv_quadratic_form_jvp(rtol, energy_fraction, primals, tangents):
+    gram_NN, b_N = primals
+    dgram_NN, db_N = tangents
+    w_N, v_NN = jnp.linalg.eigh(symmetrize(gram_NN))
+    keep_N = keep_mask(w_N, rtol, energy_fraction)
+    f_N = _inverse_where(keep_N, w_N)
+    y_N = jnp.einsum("...ji,...j->...i", v_NN, b_N)
+    dy_N = jnp.einsum("...ji,...j->...i", v_NN, db_N)
+    q = jnp.sum(f_N * y_N * y_N, axis=-1)
+
+    # Divided differences (f_i - f_j) / (w_i - w_j) of f(w) = 1/w on kept
+    # eigenvalues and 0 elsewhere. Two kept: -1 / (w_i w_j) exactly, which is
+    # also the limit -1/w^2 at equal eigenvalues. One kept: the kept
+    # eigenvalue is strictly the larger one, because both rules keep a
+    # leading set. The floor on the gap only guards against a gap that
+    # rounds to zero. Two dropped: 0.
+    keep_i = keep_N[..., :, None]
+    keep_j = keep_N[..., None, :]
+    f_i = f_N[..., :, None]
+    f_j = f_N[..., None, :]
+    gap_NN = w_N[..., :, None] - w_N[..., None, :]
+    gap_floor = jnp.finfo(w_N.dtype).eps * jnp.max(jnp.abs(w_N), axis=-1)[..., None, None]
+    gap_floor = jnp.maximum(gap_floor, jnp.finfo(w_N.dtype).tiny)
+    both_kept = keep_i & keep_j
+    only_i = keep_i & ~keep_j
+    only_j = ~keep_i & keep_j
+    safe_gap_i = jnp.where(only_i, jnp.maximum(gap_NN, gap_floor), 1.0)
+    safe_gap_j = jnp.where(only_j, jnp.maximum(-gap_NN, gap_floor), 1.0)
+    phi_NN = jnp.where(both_kept, -f_i * f_j, 0.0)
+    phi_NN = phi_NN + jnp.where(only_i, f_i / safe_gap_i, 0.0)
+    phi_NN = phi_NN + jnp.where(only_j, f_j / safe_gap_j, 0.0)
+
+    m_NN = _sandwich(v_NN, symmetrize(dgram_NN))
+    dq_from_gram = jnp.einsum("...i,...ij,...j->...", y_N, phi_NN * m_NN, y_N)
+    dq_from_b = 2.0 * jnp.sum(f_N * y_N * dy_N, axis=-1)
+    return q, dq_from_gram + dq_from_b
