@@ -25,8 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import importlib
+
 import jresid
-from jresid import analyze as analyze_lib
+
+# `jresid.analyze` is also the name of the function the package exports.
+analyze_lib = importlib.import_module("jresid.analyze")
 from jresid.config import Qwen2Config
 from jresid.metrics import MetricOptions
 from jresid.model import Qwen2

@@ -103,8 +103,8 @@ def _prompts_from_args(args) -> list:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from jresid import analyze as analyze_lib
     from jresid import plots, results
+    from jresid.analyze import analyze
     from jresid.pretrained import pad_token_ids
     from jresid.sweep import tokenize_prompts
 
@@ -116,7 +116,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model = _load_model(args)
     token_ids = tokenize_prompts(model, prompts)
     ids, mask = pad_token_ids(token_ids, padding_side="right")
-    result = analyze_lib.analyze(model, ids, mask, calibration=args.calibration, **options)
+    result = analyze(model, ids, mask, calibration=args.calibration, **options)
 
     prompt_ids = [p.id for p in prompts]
     print(f"model: {model.path} ({model.config.num_hidden_layers} layers, d_model {model.config.hidden_size})")
@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # jresid checks prompt lengths itself; transformers' own length warning would be a second line.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
