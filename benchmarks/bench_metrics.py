@@ -3,9 +3,9 @@
 Usage:
     python benchmarks/bench_metrics.py [--positions 512] [--width 896] [--heads 14]
 
-Each function is jitted, run once to compile, then run `--repeats` times;
-the table gives the compile time and the median and minimum run time in
-milliseconds. The slow histories ("full", and "ema" with a slowly decaying
+Each function is jitted, run once to compile, then run `--repeats` times.
+The table gives the compile time and the median and minimum run time in
+milliseconds. Run it with OPENBLAS_NUM_THREADS=1 (see docs/metrics.md). The slow histories ("full", and "ema" with a slowly decaying
 weight) run `--slow-repeats` times. The inputs are synthetic: a rank-32
 signal plus noise, with a first token 1000 times larger than the rest, as
 Qwen2 layers often have.

@@ -16,7 +16,7 @@ degenerate update, a token without history), is "unclassified", code 0.
 Padding gets code 0 too, so codes alone do not tell padding from an
 unclassified token; keep the valid mask for that.
 
-A `Calibration` holds the boundaries ([L, 2] per metric), the metric options
+A `Calibration` contains the boundaries ([L, 2] per metric), the metric options
 they were measured with and the model they came from, and saves to a JSON
 file that others can reuse (see `Calibration.save` for the format).
 """

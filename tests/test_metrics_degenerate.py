@@ -8,6 +8,7 @@ components.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from jresid.metrics import (
     innovation,
     layer_metrics,
 )
-from jresid.metrics.spectral import eigvalsh, pinv_quadratic_form
+from jresid.metrics.spectral import computed_after, eigvalsh, pinv_quadratic_form
 from tests import metrics_reference as ref
 
 NUM_POSITIONS = 40
@@ -58,7 +59,7 @@ def _case_mixed_scales():
 
 
 def _case_duplicates():
-    # Every history holds repeats: tokens come in runs of three equal
+    # Every history contains repeats: tokens come in runs of three equal
     # updates, and one whole window repeats a single update.
     components = _gaussian_components(4)
     for t in range(1, NUM_POSITIONS):
@@ -69,9 +70,9 @@ def _case_duplicates():
 
 
 def _case_orthogonal_equal_norms():
-    # Updates along distinct basis vectors with equal norms: every history
-    # Gram matrix is a multiple of the identity, so all its eigenvalues are
-    # equal; each position's component rows are orthogonal with equal norms.
+    # Updates along distinct basis vectors with equal norms, so every history
+    # Gram matrix is a multiple of the identity with all eigenvalues equal.
+    # Each position's component rows are orthogonal with equal norms too.
     components = np.zeros((NUM_POSITIONS, ROWS, WIDTH))
     for t in range(NUM_POSITIONS):
         for r in range(ROWS):
@@ -95,6 +96,8 @@ CASES = {
 }
 
 VALID = ref.make_valid("left", NUM_POSITIONS)
+
+_layer_metrics = jax.jit(layer_metrics, static_argnums=(3,))
 
 
 def _metric_functions():
@@ -161,14 +164,26 @@ def _finite_sum(fn):
     return loss
 
 
+# Each metric's inputs wait for the previous metric's output, so that one
+# compiled program never runs two eigensolvers at once (see computed_after).
+
+
 @jax.jit
 def _all_values(u, c, eps):
-    return tuple(fn(u, c, eps) for _, fn, _ in METRICS)
+    outputs = []
+    for _, fn, _ in METRICS:
+        u, c = computed_after((u, c), *outputs[-1:])
+        outputs.append(fn(u, c, eps))
+    return tuple(outputs)
 
 
 @jax.jit
 def _all_gradients(u, c, eps):
-    return tuple(jax.grad(_finite_sum(fn), argnums=(0, 1))(u, c, eps) for _, fn, _ in METRICS)
+    outputs = []
+    for _, fn, _ in METRICS:
+        u, c = computed_after((u, c), *outputs[-1:])
+        outputs.append(jax.grad(_finite_sum(fn), argnums=(0, 1))(u, c, eps))
+    return tuple(outputs)
 
 
 def _tolerance(name):
@@ -212,7 +227,7 @@ def test_degenerate_inputs_have_finite_gradients(case_name):
 
 def test_zero_layer_values():
     options = MetricOptions(window=3, sequence_complexity=True)
-    got = layer_metrics(
+    got = _layer_metrics(
         jnp.zeros((NUM_POSITIONS, WIDTH)), jnp.asarray(VALID), jnp.zeros((NUM_POSITIONS, ROWS, WIDTH)), options
     )
     valid_positions = np.flatnonzero(VALID)
@@ -226,7 +241,7 @@ def test_zero_layer_values():
 def test_layer_without_valid_tokens_is_all_nan():
     options = MetricOptions(sequence_complexity=True)
     rng = np.random.default_rng(0)
-    got = layer_metrics(
+    got = _layer_metrics(
         jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
         jnp.zeros(8, dtype=bool),
         jnp.asarray(rng.normal(size=(8, 2, 5)), jnp.float32),
@@ -267,7 +282,7 @@ def test_padding_contents_never_matter():
     options = MetricOptions(window=3, sequence_complexity=True)
 
     def run(u_, c_):
-        return layer_metrics(jnp.asarray(u_, jnp.float32), jnp.asarray(VALID), jnp.asarray(c_, jnp.float32), options)
+        return _layer_metrics(jnp.asarray(u_, jnp.float32), jnp.asarray(VALID), jnp.asarray(c_, jnp.float32), options)
 
     clean, dirty = run(u, components), run(garbage_u, garbage_c)
     for field in ("energy", "innovation", "expansion", "complexity", "sequence_complexity"):
@@ -277,7 +292,9 @@ def test_padding_contents_never_matter():
         metrics = layer_metrics(u_, jnp.asarray(VALID), c_, options)
         return sum(jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0)) for x in metrics)
 
-    grads = jax.grad(loss, argnums=(0, 1))(jnp.asarray(garbage_u, jnp.float32), jnp.asarray(garbage_c, jnp.float32))
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+        jnp.asarray(garbage_u, jnp.float32), jnp.asarray(garbage_c, jnp.float32)
+    )
     for label, grad in zip(("updates", "components"), grads):
         grad = np.asarray(grad)
         assert np.all(np.isfinite(grad)), f"gradient with respect to the {label} is not finite with garbage padding"
@@ -346,3 +363,99 @@ def test_spectral_jvps_match_finite_differences(structure):
         assert abs(float(tangent) - float(numeric)) <= 1e-5 * max(1.0, abs(float(numeric))), (
             f"{structure}: pinv_quadratic_form JVP {float(tangent):.9g} vs finite difference {float(numeric):.9g}"
         )
+
+
+def _eigensolver_order_violations(hlo_text):
+    """Return pairs of eigensolver calls in one HLO computation that do not depend on each other.
+
+    An instruction counts as an eigensolver call when it is a LAPACK
+    `syevd` custom call or calls a computation that contains one (a while
+    loop, for instance). Two such calls may only run one after the other
+    when one is an ancestor of the other through operands.
+    """
+    computations = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"\s*(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$", line)
+        if header:
+            current = computations.setdefault(header.group(1), {})
+            continue
+        instruction = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$", line)
+        if instruction and current is not None:
+            current[instruction.group(1)] = instruction.group(2)
+
+    def references(rhs):
+        return set(re.findall(r"%([\w.\-]+)", rhs))
+
+    contains_eigensolver = {}
+
+    def computation_has_eigensolver(name):
+        if name not in contains_eigensolver:
+            contains_eigensolver[name] = False
+            contains_eigensolver[name] = any(
+                "syevd" in rhs or any(ref in computations and computation_has_eigensolver(ref) for ref in references(rhs))
+                for rhs in computations[name].values()
+            )
+        return contains_eigensolver[name]
+
+    violations = []
+    for name, instructions in computations.items():
+        calls = [
+            op
+            for op, rhs in instructions.items()
+            if "syevd" in rhs or any(ref in computations and computation_has_eigensolver(ref) for ref in references(rhs))
+        ]
+        ancestors = {}
+
+        def ancestors_of(op):
+            if op not in ancestors:
+                ancestors[op] = set()
+                for ref in references(instructions[op]):
+                    if ref in instructions:
+                        ancestors[op] |= {ref} | ancestors_of(ref)
+            return ancestors[op]
+
+        for i, first in enumerate(calls):
+            for second in calls[i + 1 :]:
+                if first not in ancestors_of(second) and second not in ancestors_of(first):
+                    violations.append((name, first, second))
+    return violations
+
+
+EIGENSOLVER_PROGRAMS = {
+    "full history, several batches per bucket": (
+        lambda u, v, c: expansion(u, v, history="full"),
+        320,
+    ),
+    "layer metrics with every complexity": (
+        lambda u, v, c: layer_metrics(
+            u, v, None, MetricOptions(complexity_basis="window", sequence_complexity=True)
+        ),
+        96,
+    ),
+    "layer metrics defaults": (lambda u, v, c: layer_metrics(u, v, c, MetricOptions(sequence_complexity=True)), 96),
+    "ema history": (lambda u, v, c: layer_metrics(u, v, c, MetricOptions(history="ema", decay=0.8)), 96),
+    "gradient of layer metrics": (
+        jax.grad(
+            lambda u, v, c: sum(
+                jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0))
+                for x in layer_metrics(u, v, c, MetricOptions(history="full", sequence_complexity=True))
+            )
+        ),
+        96,
+    ),
+}
+
+
+@pytest.mark.parametrize("program", list(EIGENSOLVER_PROGRAMS))
+def test_eigensolvers_run_one_at_a_time(program):
+    # Side-by-side batched LAPACK calls can deadlock jaxlib's CPU thread pool,
+    # so every eigensolver call must depend on the previous one.
+    fn, num_positions = EIGENSOLVER_PROGRAMS[program]
+    u = jnp.zeros((num_positions, 16))
+    valid = jnp.ones(num_positions, dtype=bool)
+    components = jnp.zeros((num_positions, 3, 16))
+    hlo_text = jax.jit(fn).lower(u, valid, components).compile().as_text()
+    assert "syevd" in hlo_text, "the program should call the LAPACK eigensolver"
+    violations = _eigensolver_order_violations(hlo_text)
+    assert not violations, f"{program}: independent eigensolver calls {violations[:3]}"

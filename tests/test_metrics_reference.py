@@ -355,8 +355,8 @@ def test_layer_metrics_accepts_component_gram():
     u = jnp.asarray(components.sum(axis=1), jnp.float32)
     valid = jnp.ones(32, dtype=bool)
     gram = jnp.asarray(np.einsum("trd,tsd->trs", components, components), jnp.float32)
-    from_gram = layer_metrics(u, valid, None, MetricOptions(), component_gram_TRR=gram)
-    from_rows = layer_metrics(u, valid, jnp.asarray(components, jnp.float32), MetricOptions())
+    from_gram = jax.jit(lambda u, v, g: layer_metrics(u, v, None, MetricOptions(), component_gram_TRR=g))(u, valid, gram)
+    from_rows = _layer_metrics(u, valid, jnp.asarray(components, jnp.float32), MetricOptions())
     np.testing.assert_allclose(from_gram.complexity, from_rows.complexity, rtol=COMPLEXITY_RTOL)
 
 
@@ -391,8 +391,10 @@ def test_metric_options_reject_invalid_value(field, value, message):
 
 def test_metric_options_round_trip_and_hash():
     options = MetricOptions(history="ema", window=np.int64(5), decay=0.75, rank_measure="stable", eps=0)
-    assert options.window == 5 and type(options.window) is int
-    assert options.eps == 0.0 and type(options.eps) is float
+    assert options.window == 5
+    assert type(options.window) is int, "window must be stored as a plain int"
+    assert options.eps == 0.0
+    assert type(options.eps) is float, "eps must be stored as a plain float"
     again = MetricOptions.from_dict(options.to_dict())
     assert again == options
     assert hash(again) == hash(options), "equal options must hash equally to share jit caches"

@@ -58,6 +58,8 @@ MAX_SLOTS = 128
 # Older rows that the truncated "ema" history keeps besides its most recent
 # ones: the heaviest by weighted norm, such as a first token whose update
 # is thousands of times larger than the rest.
+# NOTE: the truncation stays within float32 rounding only while at most this
+# many older updates exceed the recent ones by more than about 3000 times.
 EMA_HEAVY_SLOTS = 4
 
 
@@ -244,10 +246,10 @@ def expansion(
         u_TD: Updates of one layer and sequence.
         valid_T: True at real tokens.
         history: "window" (span of the last `window` valid updates), "full"
-            (span of every earlier valid update) or "ema" (the principal
-            subspace with `energy_fraction` of the weighted squared norm of
-            every earlier update, the one d positions back weighted by
-            decay**(d - 1)).
+            (span of every earlier valid update) or "ema". The "ema"
+            subspace is the principal subspace with `energy_fraction` of the
+            weighted squared norm of every earlier update, where the update
+            d positions back has weight decay**(d - 1).
         window: History length for "window".
         decay: Weight per position for "ema".
         energy_fraction: Kept fraction of the squared Frobenius norm for

@@ -125,12 +125,12 @@ def layer_metrics(
         rtol=options.rtol,
     )
 
-    # Each stage below runs eigensolvers; `computed_after` keeps them in
-    # sequence, which avoids a deadlock in jaxlib's batched LAPACK kernels.
+    # Each stage below runs eigensolvers, and `computed_after` keeps them in
+    # sequence because side-by-side calls can deadlock jaxlib's LAPACK kernels.
     wants_sequence = options.sequence_complexity or options.complexity_basis == "sequence"
     if wants_sequence:
         sequence_value = sequence_complexity_from_cosines(
-            computed_after(prepared, expansion_T),
+            prepared._replace(weight_T=computed_after(prepared.weight_T, expansion_T)),
             cosines,
             rank_measure=options.rank_measure,
             rtol=options.rtol,
@@ -140,7 +140,7 @@ def layer_metrics(
 
     if options.complexity_basis == "window":
         sorted_complexity_T = window_complexity_from_cosines(
-            computed_after(prepared, expansion_T, sequence_value),
+            prepared._replace(weight_T=computed_after(prepared.weight_T, expansion_T, sequence_value)),
             cosines,
             window=options.complexity_window,
             rank_measure=options.rank_measure,

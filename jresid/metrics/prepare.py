@@ -128,10 +128,23 @@ MAX_GRAM_ENTRIES = 1 << 22
 
 
 def map_positions(fn, positions: jax.Array, entries_per_position: int) -> jax.Array:
-    """Apply `fn` to each position, in batches of at most MAX_GRAM_ENTRIES Gram entries."""
+    """Apply `fn` to each position, in batches of at most MAX_GRAM_ENTRIES Gram entries.
+
+    The batches run one after the other. Positions are padded with copies of
+    the last one up to a whole number of batches, because `jax.lax.map`
+    computes a partial last batch outside its loop, where its eigensolver
+    could run beside the loop's (see `spectral.computed_after`).
+    """
+    count = positions.shape[0]
     batch_size = MAX_GRAM_ENTRIES // max(entries_per_position, 1)
-    batch_size = max(1, min(positions.shape[0], batch_size))
-    return jax.lax.map(fn, positions, batch_size=batch_size)
+    batch_size = max(1, min(count, batch_size))
+    num_batches = -(-count // batch_size)
+    if num_batches == 1:
+        return jax.vmap(fn)(positions)
+
+    padded = jnp.concatenate([positions, jnp.full(num_batches * batch_size - count, positions[-1])])
+    results = jax.lax.map(jax.vmap(fn), padded.reshape(num_batches, batch_size))
+    return results.reshape(num_batches * batch_size, *results.shape[2:])[:count]
 
 
 def window_indices(num_positions: int, length: int, include_current: bool) -> jax.Array:

@@ -1,14 +1,17 @@
 """Symmetric eigen helpers whose derivatives stay finite.
 
-JAX differentiates `eigh` through its eigenvectors, whose derivative has
-1 / (lambda_i - lambda_j) factors: repeated eigenvalues (an all-zero window, a
-history of orthogonal updates of equal norm) give inf or NaN gradients even
-when only eigenvalues are used. The functions here define their own JVPs:
+The derivative of `jnp.linalg.eigh`'s eigenvectors has 1 / (lambda_i -
+lambda_j) factors, so repeated eigenvalues (an all-zero window, a history of
+orthogonal updates of equal norm) give inf or NaN gradients to anything
+computed from eigenvectors. The functions here define their own JVPs:
 
-* `eigvalsh`: d lambda_j = v_j^T dA v_j, which needs no eigenvalue gaps.
 * `pinv_quadratic_form`: b^T f(A) b for the truncated pseudo-inverse f, with
   the Daleckii-Krein formula for d f(A), whose divided differences are taken
   in closed form so that equal eigenvalues give the derivative limit.
+* `eigvalsh`: d lambda_j = v_j^T dA v_j. With jax 0.10.2 the built-in
+  derivative of `jnp.linalg.eigvalsh` is finite too, because the unused
+  eigenvector terms are dropped. This rule states the formula directly, so
+  it does not rely on that.
 
 Every function works on batches: leading axes of `a_NN` are batch axes.
 """
@@ -22,18 +25,34 @@ import jax.numpy as jnp
 
 
 def computed_after(value, *dependencies):
-    """Return `value` unchanged, as a value XLA may only use once `dependencies` exist.
+    """Return `value` unchanged, as a value XLA can only compute once `dependencies` exist.
 
-    Every eigensolver call must go through this. jaxlib 0.10's batched
+    Eigensolver calls must not run side by side. jaxlib 0.10.2's batched
     LAPACK kernels split their batch over XLA's CPU thread pool and block
-    until the pieces finish. Two such calls running at once can occupy every
-    thread of the pool while waiting for pieces queued behind each other, and
-    the program hangs (seen with independent eigh calls on a 2-core machine).
-    Chaining each call's input on the previous call's output keeps at most
-    one in flight.
+    until the pieces finish. Enough calls at once occupy every thread while
+    their pieces wait in the queue, and the program hangs (seen with three
+    independent eigh calls on a 2-core machine). Feeding each call's
+    input through this function, with the previous call's output as the
+    dependency, keeps at most one call in flight.
+
+    The float leaves of `value` get 0.0 * (probe != probe) added, where the
+    probe reads one entry of each dependency. That term is exactly zero for
+    every probe, NaN and inf included, but XLA cannot fold it away. XLA's CPU
+    pipeline drops `jax.lax.optimization_barrier` before scheduling, so a
+    barrier does not order the calls.
     """
-    value, _ = jax.lax.optimization_barrier((value, dependencies))
-    return value
+    leaves = jax.tree.leaves(dependencies)
+    if not leaves:
+        return value
+    probe = sum(jnp.ravel(leaf)[0].astype(jnp.float32) for leaf in leaves)
+    zero = jax.lax.stop_gradient((probe != probe).astype(jnp.float32) * 0.0)
+
+    def add_zero(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf + zero.astype(leaf.dtype)
+        return leaf
+
+    return jax.tree.map(add_zero, value)
 
 
 def symmetrize(a_NN: jax.Array) -> jax.Array:
