@@ -472,7 +472,8 @@ def save_pretrained(params: Mapping[str, np.ndarray], config: Qwen2Config, folde
         else:
             tensors[rule.hf_name] = np.ascontiguousarray(to_hf_layout(rule, value, config))
     safetensors.numpy.save_file(tensors, os.path.join(folder, SINGLE_FILE), metadata={"format": "pt"})
-    raw = config.to_dict()
+    # transformers 5 rejects null for fields such as max_window_layers, so unset fields are left out.
+    raw = {key: value for key, value in config.to_dict().items() if value is not None}
     names = {_DTYPES[code]: name for name, code in _DTYPE_NAMES.items()}
     raw["dtype"] = names.get(next(iter(tensors.values())).dtype, "float32")
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
