@@ -199,7 +199,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     failed = False
     for backend in backends:
         report = reference.compare_with_transformer_lens(
-            model, ids, mask, backend=backend, atol_resid=args.atol, atol_logits=args.atol_logits
+            model, ids, mask, backend=backend, atol_resid=args.atol, atol_logits=args.atol_logits,
+            rtol=args.rtol,
         )
         print(report.format(per_layer=args.per_layer))
         failed |= not report.passed
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="absolute tolerance for activations (default: 1e-5)")
     compare.add_argument("--atol-logits", type=float, default=1e-4,
                          help="absolute tolerance for logits (default: 1e-4)")
+    compare.add_argument("--rtol", type=float, default=1e-6,
+                         help="relative tolerance, times the largest |value| of each row, added to the "
+                              "absolute one (default: 1e-6)")
     compare.add_argument("--per-layer", action="store_true", help="print one row per layer and point")
     _add_model_arguments(compare)
     compare.set_defaults(run=cmd_compare)

@@ -412,7 +412,8 @@ class PointDifference:
         max_abs_diff: max |jresid - reference| over real tokens; NaN when
             either side has a NaN there, inf when the shapes differ.
         max_abs_reference: max |reference| over real tokens, for scale.
-        tolerance: the absolute tolerance the point is held to.
+        tolerance: the tolerance the point is held to: the absolute
+            tolerance plus the relative one times `max_abs_reference`.
         location: index of the largest difference (batch, position, and
             head or channel), or `None` when there is none.
         shape: the reference array's shape.
@@ -445,8 +446,10 @@ class ComparisonReport:
         reference_dtype: the reference's parameter dtype.
         input_shape: `(batch, positions)`.
         real_tokens: number of real (non-padding) tokens compared.
-        atol_resid: tolerance for every capture point.
-        atol_logits: tolerance for the logits.
+        rtol: relative tolerance, times the largest |reference| of a row,
+            added to that row's absolute tolerance.
+        atol_resid: absolute tolerance for every capture point.
+        atol_logits: absolute tolerance for the logits.
         logits: the logits row.
         points: one row per compared capture point, in forward order.
         missing: requested capture points that the reference did not return.
@@ -464,6 +467,7 @@ class ComparisonReport:
     logits: PointDifference
     points: tuple[PointDifference, ...]
     missing: tuple[str, ...] = ()
+    rtol: float = 0.0
 
     @property
     def rows(self) -> tuple[PointDifference, ...]:
@@ -509,7 +513,8 @@ class ComparisonReport:
             f"jresid ({self.model_dtype}) vs TransformerLens {self.transformer_lens_version} "
             f"{self.backend} ({self.reference_dtype}) on {self.model_path}",
             f"batch {batch} x {positions} positions, {self.real_tokens} real tokens compared; "
-            f"tolerance {self.atol_resid:g} for capture points, {self.atol_logits:g} for logits",
+            f"tolerance {self.atol_resid:g} for capture points, {self.atol_logits:g} for logits, "
+            f"plus {self.rtol:g} times the row's max |ref|",
             "",
         ]
         header = f"{'name':<32} {'layer':>5} {'max |diff|':>11} {'max |ref|':>10} {'tolerance':>9}  {'where':<16} status"
@@ -560,7 +565,7 @@ def split_name(name: str) -> tuple[str, int | None]:
 
 
 def difference_on_real_tokens(name: str, actual, expected, real_BT: np.ndarray | None,
-                              tolerance: float) -> PointDifference:
+                              tolerance: float, rtol: float = 0.0) -> PointDifference:
     """Measure max |actual - expected| over the real tokens of `[B, T, ...]` arrays.
 
     Args:
@@ -569,6 +574,8 @@ def difference_on_real_tokens(name: str, actual, expected, real_BT: np.ndarray |
         expected: the reference's array.
         real_BT: boolean mask of real tokens, or `None` for all tokens.
         tolerance: the absolute tolerance for this point.
+        rtol: relative tolerance; `rtol * max |expected|` is added to
+            `tolerance`, since float32 rounding grows with the values' size.
     """
     point, layer = split_name(name)
     actual = np.asarray(actual, dtype=np.float64)
@@ -586,6 +593,7 @@ def difference_on_real_tokens(name: str, actual, expected, real_BT: np.ndarray |
         magnitude = np.where(real, magnitude, 0.0)
     if difference.size == 0:
         return PointDifference(name, point, layer, 0.0, 0.0, tolerance, None, expected.shape)
+    tolerance = float(tolerance + rtol * np.nanmax(magnitude))
 
     nan_at = np.argwhere(np.isnan(difference))
     if nan_at.size:
@@ -611,6 +619,7 @@ def compare_with_transformer_lens(
     names: None | str | Iterable[str] | Callable[[str], bool] = None,
     atol_resid: float = 1e-5,
     atol_logits: float = 1e-4,
+    rtol: float = 1e-6,
     dtype: Any = "float32",
     reference=None,
 ) -> ComparisonReport:
@@ -628,6 +637,9 @@ def compare_with_transformer_lens(
             them; `None` compares all. The logits are always compared.
         atol_resid: absolute tolerance for every capture point.
         atol_logits: absolute tolerance for the logits.
+        rtol: relative tolerance: each row may also differ by `rtol` times
+            its largest |reference| value. The default covers float32
+            rounding of residual streams that grow to hundreds.
         dtype: parameter dtype of whatever is loaded here (jresid from a
             path, and the reference).
         reference: an already loaded `HookedTransformer` or
@@ -672,14 +684,16 @@ def compare_with_transformer_lens(
     arrays = cache.to_numpy()
 
     real_BT = None if mask is None else mask.astype(bool)
-    logits_row = difference_on_real_tokens(LOGITS, np.asarray(logits), reference_logits, real_BT, atol_logits)
+    logits_row = difference_on_real_tokens(LOGITS, np.asarray(logits), reference_logits, real_BT,
+                                           atol_logits, rtol)
     rows = []
     missing = []
     for name in requested:
         if name not in reference_arrays:
             missing.append(name)
             continue
-        rows.append(difference_on_real_tokens(name, arrays[name], reference_arrays[name], real_BT, atol_resid))
+        rows.append(difference_on_real_tokens(name, arrays[name], reference_arrays[name], real_BT,
+                                              atol_resid, rtol))
     if missing:
         logger.warning("the %s reference did not return %s; those points are not compared", backend, missing)
 
@@ -693,6 +707,7 @@ def compare_with_transformer_lens(
         real_tokens=int(ids.size if mask is None else mask.sum()),
         atol_resid=atol_resid,
         atol_logits=atol_logits,
+        rtol=rtol,
         logits=logits_row,
         points=tuple(rows),
         missing=tuple(missing),

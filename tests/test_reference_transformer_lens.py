@@ -288,3 +288,18 @@ def test_missing_extra_names_install_command():
 
     assert result.returncode == 0, result.stderr
     assert "pip install 'jresid[reference]'" in result.stdout
+
+
+def test_relative_tolerance_scales_with_the_reference():
+    expected = np.full((1, 3, 4), 480.0)
+    actual = expected.copy()
+    actual[0, 1, 2] += 2e-4
+    absolute_only = reference.difference_on_real_tokens("blocks.3.hook_resid_post", actual, expected, None, 1e-5)
+    assert not absolute_only.passed
+    scaled = reference.difference_on_real_tokens("blocks.3.hook_resid_post", actual, expected, None, 1e-5, 1e-6)
+    assert scaled.passed
+    assert scaled.tolerance == pytest.approx(1e-5 + 480.0 * 1e-6)
+    assert scaled.location == (0, 1, 2)
+    too_far = actual.copy()
+    too_far[0, 1, 2] += 1e-3
+    assert not reference.difference_on_real_tokens("x", too_far, expected, None, 1e-5, 1e-6).passed
