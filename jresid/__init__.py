@@ -15,6 +15,11 @@ from jresid.config import ConfigError, Qwen2Config, UnsupportedConfigError
 from jresid.pretrained import Model, from_pretrained, pad_token_ids
 from jresid.analyze import AnalysisResult, analyze  # noqa: E402  (needs the names above)
 from jresid.metrics import MetricOptions
+from jresid.interventions import Intervention
+# `jresid.generate` is the function from here on, as `jresid.analyze` is; import the
+# module's other names with `from jresid.generate import ...`.
+from jresid.generate import GenerationResult, generate
+from jresid.steering import LearnedVector, ModeDirections, derive_directions, learn_steering_vector
 
 __version__ = "0.1.0"
 
@@ -26,10 +31,17 @@ __all__ = [
     "CaptureSpec",
     "CheckpointError",
     "ConfigError",
+    "GenerationResult",
+    "Intervention",
+    "LearnedVector",
+    "ModeDirections",
     "Model",
     "Qwen2Config",
     "UnsupportedConfigError",
     "__version__",
+    "derive_directions",
     "from_pretrained",
+    "generate",
+    "learn_steering_vector",
     "pad_token_ids",
 ]

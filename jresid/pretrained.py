@@ -102,12 +102,13 @@ class Model:
                              f"max_position_embeddings={self.config.max_position_embeddings}")
         return jnp.asarray(ids, dtype=jnp.int32), jnp.asarray(mask, dtype=jnp.int32)
 
-    def forward(self, input_ids, attention_mask=None) -> jax.Array:
-        """Return float32 logits `[B, T, V]`."""
-        logits, _ = self.run_with_cache(input_ids, attention_mask, names_filter=[])
+    def forward(self, input_ids, attention_mask=None, interventions=None) -> jax.Array:
+        """Return float32 logits `[B, T, V]`, with `interventions` applied when given."""
+        logits, _ = self.run_with_cache(input_ids, attention_mask, names_filter=[], interventions=interventions)
         return logits
 
-    def run_with_cache(self, input_ids, attention_mask=None, names_filter: NamesFilter = None):
+    def run_with_cache(self, input_ids, attention_mask=None, names_filter: NamesFilter = None,
+                       interventions=None):
         """Run the model and return `(logits, cache)`, like TransformerLens.
 
         Args:
@@ -115,16 +116,30 @@ class Model:
             attention_mask: 1 for real tokens and 0 for padding; either side.
             names_filter: which capture points to keep (`None` keeps all; a
                 name, a list of names, or a predicate on names).
+            interventions: a `jresid.interventions.Intervention` or a list
+                of them, applied inside the forward pass; captures show the
+                edited stream.
         """
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
         spec = CaptureSpec.from_names_filter(names_filter, self.config.num_hidden_layers)
+        steering = self.steering_tables(interventions)
         rows = ids.shape[0]
         ids, mask = self.place_batch(ids, mask)
-        logits, captures = _run(self.graphdef, self.state, ids, mask, spec)
+        logits, captures = _run(self.graphdef, self.state, ids, mask, spec, steering)
         if ids.shape[0] > rows:
             logits = logits[:rows]
             captures = {name: value[:rows] for name, value in captures.items()}
         return logits, ActivationCache(captures)
+
+    def steering_tables(self, interventions):
+        """Check interventions against this model and build their tables (None for none).
+
+        Raises:
+            ValueError: a layer out of range or a vector of another width.
+        """
+        from jresid.interventions import compile_interventions
+
+        return compile_interventions(interventions, self.config.num_hidden_layers, self.config.hidden_size)
 
     def place_batch(self, ids_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Put a batch on the mesh's data axis, adding rows until the axis divides the batch.
@@ -173,9 +188,9 @@ def pad_token_ids(sequences: list[list[int]], padding_side: str = "right", lengt
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _run(graphdef, state, ids_BT, mask_BT, spec: CaptureSpec):
+def _run(graphdef, state, ids_BT, mask_BT, spec: CaptureSpec, steering=None):
     module = nnx.merge(graphdef, state)
-    output = module(ids_BT, mask_BT, capture=spec, return_logits=True)
+    output = module(ids_BT, mask_BT, capture=spec, return_logits=True, steering=steering)
     return output.logits, output.captures
 
 

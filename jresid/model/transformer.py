@@ -11,6 +11,9 @@ Inside the scan, each block's activations go to two optional consumers:
 * `layer_fn`: a function of one block's activations whose results are
   stacked over layers. `jresid.analyze` computes the metrics there, so only
   `[B, L, T]` numbers leave the loop.
+
+Interventions (`jresid.interventions`) edit the stream in the same loop. With
+none given, the loop traces exactly the program it traces without them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from flax import nnx
 
 from jresid.capture import HOOK_EMBED, LN_FINAL, CaptureSpec, block_name
 from jresid.config import Qwen2Config
+from jresid.interventions import SteeringTables
 from jresid.model.attention import Attention
 from jresid.model.mlp import MLP
 from jresid.model.norm import RMSNorm, rms_normalize
@@ -89,6 +93,30 @@ class Block(nnx.Module):
         resid_post_BTD = resid_mid_BTD + mlp_out_BTD
         return BlockActivations(x_BTD, z_BTHE, attn_out_BTD, resid_mid_BTD, mlp_out_BTD, resid_post_BTD)
 
+    def cached(self, x_BCD, cos_BCE, sin_BCE, allowed_BCS, k_cache_BSKE, v_cache_BSKE, start):
+        """Run the block on `C` new positions against a key/value cache of `S` slots.
+
+        The same steps as `__call__`, except that the new keys and values are
+        written into the cache at slots `[start, start + C)` and the queries
+        attend to the whole cache, as `allowed_BCS` permits.
+
+        Returns:
+            `(activations, k_cache_BSKE, v_cache_BSKE)` with the updated caches.
+        """
+        q_BCHE, k_BCKE, v_BCKE = self.attn.queries_keys_values(self.input_norm(x_BCD), cos_BCE, sin_BCE)
+        k_cache_BSKE = jax.lax.dynamic_update_slice_in_dim(k_cache_BSKE, k_BCKE.astype(k_cache_BSKE.dtype),
+                                                           start, axis=1)
+        v_cache_BSKE = jax.lax.dynamic_update_slice_in_dim(v_cache_BSKE, v_BCKE.astype(v_cache_BSKE.dtype),
+                                                           start, axis=1)
+        z_BCHE = self.attn.attend(q_BCHE, k_cache_BSKE, v_cache_BSKE, allowed_BCS)
+        attn_out_BCD = self.attn.project(z_BCHE)
+        resid_mid_BCD = x_BCD + attn_out_BCD
+
+        mlp_out_BCD = self.mlp(self.post_norm(resid_mid_BCD))
+        resid_post_BCD = resid_mid_BCD + mlp_out_BCD
+        acts = BlockActivations(x_BCD, z_BCHE, attn_out_BCD, resid_mid_BCD, mlp_out_BCD, resid_post_BCD)
+        return acts, k_cache_BSKE, v_cache_BSKE
+
 
 class Embed(nnx.Module):
     def __init__(self, vocab_size, width, *, dtype, rngs: nnx.Rngs):
@@ -143,6 +171,7 @@ class Qwen2(nnx.Module):
         capture: CaptureSpec = CaptureSpec(),
         layer_fn: LayerFn | None = None,
         return_logits: bool = True,
+        steering: SteeringTables | None = None,
     ) -> ForwardOutput:
         """Run the model on a padded batch.
 
@@ -154,6 +183,8 @@ class Qwen2(nnx.Module):
             layer_fn: called once per block as `layer_fn(block, activations,
                 valid_BT)`; its results are stacked over layers.
             return_logits: skip the output layer when False.
+            steering: intervention tables from
+                `jresid.interventions.compile_interventions`, or None.
         """
         config = self.config
         B, T = input_ids_BT.shape
@@ -173,7 +204,7 @@ class Qwen2(nnx.Module):
             captures[HOOK_EMBED] = x_BTD
 
         x_BTD, buffers, layer_outputs = self._scan_blocks(
-            x_BTD, cos_BTE, sin_BTE, allowed_BTS, valid_BT, capture, layer_fn
+            x_BTD, cos_BTE, sin_BTE, allowed_BTS, valid_BT, capture, layer_fn, steering
         )
         for point, layers in capture.block_layers:
             for slot, layer in enumerate(layers):
@@ -185,17 +216,26 @@ class Qwen2(nnx.Module):
             if capture.ln_final:
                 captures[LN_FINAL] = normalized_BTD
             if return_logits:
-                final_BTD = self.final_norm.weight[...] * normalized_BTD.astype(x_BTD.dtype)
-                logits_BTV = jnp.einsum(
-                    "btd,dv->btv",
-                    final_BTD,
-                    self.unembed_kernel(),
-                    precision=_matmul_precision(self.dtype),
-                    preferred_element_type=jnp.float32,
-                )
+                logits_BTV = self.unembed(normalized_BTD, x_BTD.dtype)
         return ForwardOutput(logits_BTV, captures, layer_outputs)
 
-    def _scan_blocks(self, x_BTD, cos_BTE, sin_BTE, allowed_BTS, valid_BT, capture, layer_fn):
+    def unembed(self, normalized_BTD: jax.Array, dtype) -> jax.Array:
+        """Apply the final norm's gain and the output layer: float32 logits `[B, T, V]`.
+
+        Args:
+            normalized_BTD: the RMS-normalised final stream (`ln_final.hook_normalized`).
+            dtype: the residual stream's dtype, which the gain is applied in.
+        """
+        final_BTD = self.final_norm.weight[...] * normalized_BTD.astype(dtype)
+        return jnp.einsum(
+            "btd,dv->btv",
+            final_BTD,
+            self.unembed_kernel(),
+            precision=_matmul_precision(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+    def _scan_blocks(self, x_BTD, cos_BTE, sin_BTE, allowed_BTS, valid_BT, capture, layer_fn, steering=None):
         config = self.config
         L = config.num_hidden_layers
         B, T, D = x_BTD.shape
@@ -221,7 +261,14 @@ class Qwen2(nnx.Module):
                 x_BTD = jax.lax.with_sharding_constraint(x_BTD, resid_sharding)
             layer, layer_state = scanned
             block = nnx.merge(graphdef, layer_state)
+            measured_block = block
+            if steering is not None:
+                x_BTD = steering.edit_input(x_BTD, layer)
             acts = block(x_BTD, cos_BTE, sin_BTE, allowed_BTS)
+            measured = acts
+            if steering is not None:
+                acts, measured, measured_block = steer_block_output(block, acts, steering, layer,
+                                                                    layer_fn is not None)
 
             new_buffers = {}
             for point, buffer in buffers.items():
@@ -232,13 +279,45 @@ class Qwen2(nnx.Module):
                 value = jnp.where(slot >= 0, value.astype(buffer.dtype), kept)
                 new_buffers[point] = jax.lax.dynamic_update_index_in_dim(buffer, value, index, axis=0)
 
-            outputs = None if layer_fn is None else layer_fn(block, acts, valid_BT)
+            outputs = None if layer_fn is None else layer_fn(measured_block, measured, valid_BT)
             return (acts.resid_post, new_buffers), outputs
 
         (x_BTD, buffers), layer_outputs = jax.lax.scan(
             body, (x_BTD, buffers), (jnp.arange(L), stacked_state)
         )
         return x_BTD, buffers, layer_outputs
+
+
+def steer_block_output(block: Block, acts: BlockActivations, steering: SteeringTables, layer: jax.Array,
+                       measure: bool) -> tuple[BlockActivations, BlockActivations, Block]:
+    """Apply a block's output interventions.
+
+    Returns:
+        `(flowing, measured, measured_block)`.
+        `flowing` are the activations whose `resid_post` carries every edit
+        into the next block. `measured` are the activations the metrics
+        read, where a subspace edit is part of the update and an addition
+        is not. `measured_block` is a block whose output kernel carries the
+        subspace edit, so that each head's result does too. Without a
+        subspace edit, `measured` is `acts` and `measured_block` is `block`.
+    """
+    measured, measured_block = acts, block
+    resid_post_BTD = acts.resid_post
+    if steering.gain_L is not None:
+        resid_post_BTD = steering.edit_update(acts.resid_pre, acts.resid_post, layer)
+        if measure:
+            attn_out_BTD = steering.edit_component(acts.attn_out, acts.attn_out, layer)
+            measured = acts._replace(
+                attn_out=attn_out_BTD,
+                resid_mid=acts.resid_pre + attn_out_BTD,
+                mlp_out=steering.edit_component(acts.mlp_out, acts.mlp_out, layer),
+                resid_post=resid_post_BTD,
+            )
+            graphdef, state = nnx.split(block)
+            measured_block = nnx.merge(graphdef, state)
+            measured_block.attn.o_kernel[...] = steering.edit_output_kernel(block.attn.o_kernel[...], layer)
+    flowing = acts._replace(resid_post=steering.add_output(resid_post_BTD, layer))
+    return flowing, measured, measured_block
 
 
 def _capture_value(block: Block, acts: BlockActivations, point: str) -> jax.Array:
