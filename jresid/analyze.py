@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jresid import distributed
 from jresid import metrics as metrics_lib
@@ -131,6 +132,7 @@ def analyze(
     calibration: modes_lib.Calibration | str | None = None,
     names_filter: NamesFilter = (),
     bucket: bool = True,
+    interventions=None,
     **options: Any,
 ) -> AnalysisResult:
     """Run the model and compute every residual-update metric and mode label.
@@ -146,6 +148,9 @@ def analyze(
             `Model.run_with_cache`; empty by default.
         bucket: pad the length up to a bucket (see `bucket_length`) so that
             calls with different lengths share compiled programs.
+        interventions: a `jresid.interventions.Intervention` or a list of
+            them, applied inside the same program; the metrics then measure
+            the steered model.
         **options: metric options (`history`, `window`, `decay`,
             `energy_fraction`, `complexity_basis`, `complexity_window`,
             `rank_measure`, `rtol`, `eps`); see `jresid.metrics.MetricOptions`.
@@ -160,6 +165,7 @@ def analyze(
     if calibration is not None:
         calibration.check_compatible(model.config.num_hidden_layers)
     spec = CaptureSpec.from_names_filter(names_filter, model.config.num_hidden_layers)
+    steering = model.steering_tables(interventions)
 
     ids_BT, mask_BT = model.prepare_inputs(input_ids, attention_mask)
     B, T = ids_BT.shape
@@ -179,11 +185,9 @@ def analyze(
         expansion=jnp.asarray(calibration.expansion, jnp.float32),
         complexity=jnp.asarray(calibration.complexity, jnp.float32), tokens=None)
     real_rows_B = sharding_lib.put_batch(real_rows_B, model.mesh)
-    # TODO: with several processes (jax.distributed on CPU with gloo) this program
-    # does not finish; run_with_cache does. Single-process meshes work.
     replicated = None if model.mesh is None else sharding_lib.replicated(model.mesh)
     out = _analyze_program(model.graphdef, model.state, ids_BT, mask_BT, real_rows_B,
-                           metric_options, spec, boundaries, replicated)
+                           metric_options, spec, boundaries, replicated, steering)
     out = distributed.gather(out)
 
     per_token = {name: np.asarray(out[name])[:B, :, :T] for name in (*METRIC_NAMES, "mode")}
@@ -214,29 +218,45 @@ def compile_count() -> int:
     return _analyze_program._cache_size()
 
 
-def block_metrics(block, acts, valid_BT, options: MetricOptions):
-    """The metrics of one block for a batch: the function `analyze` runs inside the layer loop."""
+def block_metrics(block, acts, valid_BT, options: MetricOptions, mesh=None):
+    """The metrics of one block for a batch: the function `analyze` runs inside the layer loop.
+
+    On a mesh, the metrics run under `jax.shard_map`, each device on its own
+    rows of the batch, since every sequence's metrics need only that
+    sequence. The CPU eigensolvers there are traced as jaxlib kernels, one
+    matrix per call (see `spectral.device_eigensolvers`).
+    """
     u_BTD = acts.resid_post.astype(jnp.float32) - acts.resid_pre.astype(jnp.float32)
+    arrays = [u_BTD, valid_BT]
     if options.complexity_basis == "components":
         heads_BTHD = block.attn.head_results(acts.z).astype(jnp.float32)
         mlp_BT1D = acts.mlp_out.astype(jnp.float32)[:, :, None, :]
-        components_BTRD = jnp.concatenate([heads_BTHD, mlp_BT1D], axis=2)
-        return jax.vmap(lambda u, v, c: metrics_lib.layer_metrics(u, v, c, options))(
-            u_BTD, valid_BT, components_BTRD
-        )
-    return jax.vmap(lambda u, v: metrics_lib.layer_metrics(u, v, None, options))(u_BTD, valid_BT)
+        arrays.append(jnp.concatenate([heads_BTHD, mlp_BT1D], axis=2))
+
+    def per_batch(u_BTD, valid_BT, components_BTRD=None):
+        return jax.vmap(lambda u, v, c: metrics_lib.layer_metrics(u, v, c, options),
+                        in_axes=(0, 0, None if components_BTRD is None else 0))(u_BTD, valid_BT, components_BTRD)
+
+    if mesh is None:
+        return per_batch(*arrays)
+    rows = PartitionSpec(sharding_lib.DATA)
+    with metrics_lib.spectral.device_eigensolvers():
+        return jax.shard_map(per_batch, mesh=mesh, in_specs=(rows,) * len(arrays), out_specs=rows,
+                             check_vma=False)(*arrays)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 8))
 def _analyze_program(graphdef, state, ids_BT, mask_BT, real_rows_B, options: MetricOptions, spec: CaptureSpec,
-                     boundaries, replicated=None):
+                     boundaries, replicated=None, steering=None):
     module = nnx.merge(graphdef, state)
     output = module(
         ids_BT,
         mask_BT,
         capture=spec,
-        layer_fn=functools.partial(block_metrics, options=options),
+        layer_fn=functools.partial(block_metrics, options=options,
+                                   mesh=None if replicated is None else replicated.mesh),
         return_logits=False,
+        steering=steering,
     )
     per_layer = output.layer_outputs  # fields [L, B, T], sequence_complexity [L, B]
     values = {name: jnp.swapaxes(getattr(per_layer, name), 0, 1) for name in METRIC_NAMES}

@@ -76,3 +76,57 @@ def gather(tree):
         return np.asarray(jax.device_get(x))
 
     return jax.tree_util.tree_map(fetch, tree)
+
+
+def share_of(count: int) -> range:
+    """The indices, out of `count` work items, that this process handles: every process_count-th one."""
+    return range(jax.process_index(), count, jax.process_count())
+
+
+def broadcast_json(value=None):
+    """Send a JSON-ready value from process 0 to every process; other processes' `value` is ignored."""
+    if jax.process_count() == 1:
+        return value
+    import json
+
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(value).encode("utf-8") if is_main_process() else b"", dtype=np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.array([payload.size], dtype=np.int64))[0])
+    buffer = np.zeros(max(size, 1), dtype=np.uint8)
+    buffer[:payload.size] = payload
+    buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return json.loads(buffer[:size].tobytes().decode("utf-8"))
+
+
+def allgather_sequences(local: dict[int, list[int] | None], count: int) -> list[list[int] | None]:
+    """Combine every process's share of `count` integer sequences into the full list, on every process.
+
+    Args:
+        local: this process's items, by global index; `None` marks an item
+            that failed here, and comes back as `None` everywhere.
+        count: the number of items over all processes.
+    """
+    if jax.process_count() == 1:
+        return [local.get(index) for index in range(count)]
+    from jax.experimental import multihost_utils
+
+    per_process = -(-count // jax.process_count())
+    widest = max([len(seq) for seq in local.values() if seq] + [1])
+    width = int(np.max(multihost_utils.process_allgather(np.array([widest], dtype=np.int32))))
+
+    ids = np.zeros((per_process, width), dtype=np.int32)
+    lengths = np.full((per_process,), -1, dtype=np.int32)
+    where = np.full((per_process,), -1, dtype=np.int32)
+    for slot, (index, seq) in enumerate(sorted(local.items())):
+        where[slot] = index
+        if seq is not None:
+            lengths[slot] = len(seq)
+            ids[slot, :len(seq)] = seq
+    all_ids, all_lengths, all_where = (np.asarray(multihost_utils.process_allgather(x)) for x in (ids, lengths, where))
+
+    out: list[list[int] | None] = [None] * count
+    for ids_row, length, index in zip(all_ids.reshape(-1, width), all_lengths.reshape(-1), all_where.reshape(-1)):
+        if index >= 0 and length >= 0:
+            out[index] = ids_row[:length].tolist()
+    return out

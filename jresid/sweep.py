@@ -27,8 +27,10 @@ import os
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
+from jresid import distributed
 from jresid import modes as modes_lib
 from jresid.analyze import METRIC_NAMES, analyze
 from jresid.metrics import MetricOptions
@@ -97,20 +99,39 @@ def read_prompts(path: str, *, jsonl: bool | None = None) -> list[Prompt]:
     return prompts
 
 
+def encode_prompt(model, prompt: Prompt) -> list[int]:
+    """Tokenise one prompt and check its length."""
+    ids = model.tokenizer(prompt.text, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise SweepError(f"prompt {prompt.id!r} (line {prompt.line}) has no tokens")
+    limit = model.config.max_position_embeddings
+    if len(ids) > limit:
+        raise SweepError(f"prompt {prompt.id!r} (line {prompt.line}) has {len(ids)} tokens, more than the "
+                         f"model's context of {limit} (max_position_embeddings); shorten it")
+    return ids
+
+
 def tokenize_prompts(model, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Tokenise every prompt and check its length before any compute."""
+    """Tokenise every prompt and check its length before any compute.
+
+    With several processes, each tokenises its share (every
+    process_count-th prompt) and the token ids are exchanged, so that every
+    process plans the same batches.
+    """
     if model.tokenizer is None:
         raise SweepError(f"the model at {model.path} has no tokenizer files; a sweep needs text prompts tokenised")
-    limit = model.config.max_position_embeddings
-    encoded = []
-    for prompt in prompts:
-        ids = model.tokenizer(prompt.text, add_special_tokens=True)["input_ids"]
-        if not ids:
-            raise SweepError(f"prompt {prompt.id!r} (line {prompt.line}) has no tokens")
-        if len(ids) > limit:
-            raise SweepError(f"prompt {prompt.id!r} (line {prompt.line}) has {len(ids)} tokens, more than the "
-                             f"model's context of {limit} (max_position_embeddings); shorten it")
-        encoded.append(ids)
+    local = {}
+    for index in distributed.share_of(len(prompts)):
+        try:
+            local[index] = encode_prompt(model, prompts[index])
+        except SweepError:
+            if jax.process_count() == 1:
+                raise
+            local[index] = None
+    encoded = distributed.allgather_sequences(local, len(prompts))
+    for index, ids in enumerate(encoded):
+        if ids is None:
+            encode_prompt(model, prompts[index])  # raises the same error on every process
     return encoded
 
 
@@ -164,7 +185,22 @@ class Sweep:
         }
 
     def _check_folder(self) -> None:
-        """Create the folder, or check that it holds an earlier run of this same sweep."""
+        """Create the folder, or check that it holds an earlier run of this same sweep.
+
+        With several processes, process 0 owns the folder and tells the
+        others whether it may be used.
+        """
+        problem = None
+        if distributed.is_main_process():
+            try:
+                self._check_folder_here()
+            except SweepError as error:
+                problem = str(error)
+        problem = distributed.broadcast_json(problem)
+        if problem:
+            raise SweepError(problem)
+
+    def _check_folder_here(self) -> None:
         path = os.path.join(self.out, "manifest.json")
         expected = self.manifest()
         if os.path.isfile(path):
@@ -194,7 +230,10 @@ class Sweep:
 
         self._check_folder()
         calibration = self._calibration()
-        pending = [i for i in range(len(self.batches)) if not self.is_done(i)]
+        pending = distributed.broadcast_json(
+            [i for i in range(len(self.batches)) if not self.is_done(i)] if distributed.is_main_process() else None
+        )
+        progress = progress and distributed.is_main_process()
         if len(pending) < len(self.batches):
             logger.info("resuming: %d of %d batches already written", len(self.batches) - len(pending),
                         len(self.batches))
@@ -213,9 +252,16 @@ class Sweep:
                 logger.debug("batch %d written (%d tokens)", index, tokens)
         finally:
             bar.close()
-        return self._finish()
+        return distributed.broadcast_json(self._finish() if distributed.is_main_process() else None)
 
     def _calibration(self) -> modes_lib.Calibration | None:
+        found = self._calibration_here() if distributed.is_main_process() else None
+        if jax.process_count() == 1:
+            return found
+        found = distributed.broadcast_json(None if found is None else found.to_dict())
+        return None if found is None else modes_lib.Calibration.from_dict(found)
+
+    def _calibration_here(self) -> modes_lib.Calibration | None:
         path = os.path.join(self.out, "calibration.json")
         if self.given_calibration is not None:
             if not os.path.isfile(path):
@@ -233,7 +279,10 @@ class Sweep:
         result = analyze(self.model, ids, mask, calibration=calibration, **self.options.to_dict())
         if calibration is None:
             calibration = result.calibration
-            calibration.save(os.path.join(self.out, "calibration.json"))
+            if distributed.is_main_process():
+                calibration.save(os.path.join(self.out, "calibration.json"))
+        if not distributed.is_main_process():
+            return calibration  # results are gathered on every process; process 0 writes them
         prompt_ids = [self.prompts[i].id for i in rows]
         write_table(layer_table(result, prompt_ids), self.part_path("layers", index))
         write_table(token_table(result, prompt_ids, self.model.tokenizer), self.part_path("tokens", index))

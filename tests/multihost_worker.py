@@ -31,6 +31,12 @@ def main() -> None:
     ids = np.load(os.path.join(os.path.dirname(out), "inputs.npz"))
     logits, cache = model.run_with_cache(ids["ids"], ids["mask"], names_filter=lambda n: "resid" in n)
     arrays = distributed.gather({"logits": logits, **dict(cache.items())})
+
+    from jresid.analyze import analyze
+
+    result = analyze(model, ids["ids"], ids["mask"])
+    for name in ("energy", "innovation", "expansion", "complexity", "mode", "sequence_complexity"):
+        arrays[f"analyze.{name}"] = getattr(result, name)
     if distributed.is_main_process():
         np.savez(out, **{name: np.asarray(value) for name, value in arrays.items()})
 

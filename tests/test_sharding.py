@@ -1,4 +1,4 @@
-"""Meshes on 8 CPU devices give the single-device numbers."""
+"""Meshes on 8 CPU devices give the single-device logits, captures and metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("torch")
 
 import jresid  # noqa: E402
+from jresid.analyze import analyze  # noqa: E402
 from jresid import sharding  # noqa: E402
 from tests.hf_checkpoints import build_checkpoint, random_ids  # noqa: E402
 
@@ -49,6 +50,26 @@ def test_meshes_match_single_device(heads_checkpoint):
         for name in expected:
             np.testing.assert_allclose(np.asarray(cache[name]), np.asarray(expected[name]), atol=ATOL,
                                        err_msg=f"{where}: {name}")
+
+
+def test_meshes_give_the_single_device_metrics(heads_checkpoint):
+    single = jresid.from_pretrained(heads_checkpoint.path)
+    ids = random_ids(3, 40, single.config.vocab_size, seed=2)
+    mask = np.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, 33:] = 0
+    expected = analyze(single, ids, mask)
+
+    for data, model_axis in MESHES:
+        sharded = jresid.from_pretrained(heads_checkpoint.path, mesh=sharding.make_mesh(data, model_axis))
+        result = analyze(sharded, ids, mask, calibration=expected.calibration)
+        where = f"mesh data={data} model={model_axis}"
+        for name in ("energy", "innovation", "expansion", "complexity", "sequence_complexity"):
+            want = getattr(expected, name)
+            scale = max(1.0, float(np.nanmax(np.abs(want))))
+            np.testing.assert_allclose(getattr(result, name), want, rtol=0, atol=ATOL * scale, equal_nan=True,
+                                       err_msg=f"{where}: {name}")
+        np.testing.assert_array_equal(result.mode, expected.mode, err_msg=f"{where}: mode")
 
 
 def test_each_device_holds_only_its_slice(heads_checkpoint):
