@@ -40,6 +40,29 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device mesh such as 'data=2,model=4' (default: one device)")
 
 
+def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several processes (jax.distributed)")
+    group.add_argument("--distributed", action="store_true",
+                       help="join the other processes with jax.distributed before loading; on a TPU pod slice "
+                            "nothing else is needed, elsewhere give the three options below or set "
+                            "JRESID_COORDINATOR_ADDRESS, JRESID_NUM_PROCESSES and JRESID_PROCESS_ID")
+    group.add_argument("--coordinator-address", metavar="HOST:PORT", default=None,
+                       help="address of process 0's coordinator service (implies --distributed)")
+    group.add_argument("--num-processes", type=int, default=None,
+                       help="number of processes in the run (implies --distributed)")
+    group.add_argument("--process-id", type=int, default=None,
+                       help="this process's index, from 0 (implies --distributed)")
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    given = (args.coordinator_address, args.num_processes, args.process_id)
+    if not (args.distributed or any(value is not None for value in given)):
+        return
+    from jresid import distributed
+
+    distributed.initialize(*given)
+
+
 def _add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     from jresid.metrics import MetricOptions
 
@@ -173,9 +196,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     prompts = read_prompts(args.prompts, jsonl=True)
+    _start_distributed(args)
     model = _load_model(args)
     sweep = Sweep(model, prompts, args.out, batch_size=args.batch_size, calibration=args.calibration, **options)
     summary = sweep.run(progress=not args.quiet)
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     print(f"{summary['num_prompts']} prompts, {summary['num_tokens']} tokens in {summary['num_batches']} batches; "
           f"results in {args.out}")
     return 0
@@ -218,6 +246,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from jresid import bench
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    options = bench.options_from_args(args, default_model_path(), progress=progress)
+    report = bench.run_bench(options, progress=progress)
+    print(report.format())
+    if args.json:
+        bench.write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 1 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jresid",
@@ -247,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_arguments(sweep)
+    _add_distributed_arguments(sweep)
     _add_metric_arguments(sweep)
     sweep.set_defaults(run=cmd_sweep)
 
@@ -276,6 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", metavar="CKPT", required=True, help="new folder for the Orbax checkpoint")
     _add_model_arguments(convert)
     convert.set_defaults(run=cmd_convert)
+
+    from jresid.cli_steer import add_parser as add_steer_parser
+
+    add_steer_parser(commands)
+
+    from jresid.bench import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="time jresid against TransformerLens and the device's matmul rate",
+                                description="Time jresid's fused analysis and forward pass, TransformerLens' "
+                                            "run_with_cache plus the same metrics in PyTorch, its forward pass, "
+                                            "and TransformerBridge, on one checkpoint, with the same tokens and "
+                                            "dtype. Each workload runs in its own process; the table gives "
+                                            "median times, tokens per second and peak memory. TransformerLens "
+                                            "workloads need the 'reference' extra and are skipped without it.")
+    add_bench_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
