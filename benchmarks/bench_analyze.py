@@ -78,6 +78,7 @@ def bench_time(tokens: int, repeats: int, options: MetricOptions) -> dict:
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(1, tokens))
     mask = np.ones_like(ids)
     ids_j, mask_j = model.prepare_inputs(ids, mask)
+    real_rows = jnp.ones((ids.shape[0],), jnp.int32)
 
     blocks = jax.jit(lambda state, i, m: _blocks_only.__wrapped__((model.graphdef, state), i, m))
     results = {
@@ -86,11 +87,11 @@ def bench_time(tokens: int, repeats: int, options: MetricOptions) -> dict:
     }
     option_dict = dataclasses.asdict(options)
     results["analyze"] = timed(lambda: analyze_lib._analyze_program(
-        model.graphdef, model.state, ids_j, mask_j, jnp.ones_like(mask_j), options, jresid.CaptureSpec(), None
+        model.graphdef, model.state, ids_j, mask_j, real_rows, options, jresid.CaptureSpec(), None
     ), repeats)
     no_sequence = dataclasses.replace(options, sequence_complexity=False)
     results["analyze without sequence complexity"] = timed(lambda: analyze_lib._analyze_program(
-        model.graphdef, model.state, ids_j, mask_j, jnp.ones_like(mask_j), no_sequence, jresid.CaptureSpec(), None
+        model.graphdef, model.state, ids_j, mask_j, real_rows, no_sequence, jresid.CaptureSpec(), None
     ), repeats)
     del option_dict
     return results
@@ -101,7 +102,8 @@ def bench_memory(tokens: int, options: MetricOptions) -> dict:
     for layers in (24, 48):
         model = random_model(layers, abstract=True)
         ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
-        lowered = analyze_lib._analyze_program.lower(model.graphdef, model.state, ids, ids, ids, options,
+        rows = jax.ShapeDtypeStruct((1,), jnp.int32)
+        lowered = analyze_lib._analyze_program.lower(model.graphdef, model.state, ids, ids, rows, options,
                                                      jresid.CaptureSpec(), None)
         stats = lowered.compile().memory_analysis()
         out[layers] = stats
