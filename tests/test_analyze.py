@@ -199,3 +199,21 @@ def test_metrics_match_transformer_lens_cache(tiny_untied, model, batch):
     ours = analyze(model, ids, mask)
     expected = metrics_from_cache(jresid.ActivationCache(cache), mask, 3, ours.options)
     assert_metrics_close(ours, expected, "TransformerLens cache")
+
+
+def test_component_gram_matches_explicit_rows():
+    from jresid.analyze import component_gram
+
+    rng = np.random.default_rng(11)
+    B, T, H, E, D = 2, 5, 3, 4, 6
+    z = rng.normal(size=(B, T, H, E)).astype(np.float32)
+    w = rng.normal(size=(H, E, D)).astype(np.float32)
+    mlp = rng.normal(size=(B, T, D)).astype(np.float32)
+
+    gram = np.asarray(component_gram(z, w, mlp))
+
+    rows = np.concatenate([np.einsum("bthe,hed->bthd", z.astype(np.float64), w.astype(np.float64)),
+                           mlp.astype(np.float64)[:, :, None, :]], axis=2)
+    expected = np.einsum("btrd,btsd->btrs", rows, rows)
+    assert gram.shape == (B, T, H + 1, H + 1)
+    np.testing.assert_allclose(gram, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
