@@ -1,10 +1,10 @@
 """Restore time of an Orbax checkpoint against loading the same model's safetensors.
 
 Builds a Qwen2-0.5B-shaped checkpoint with random weights (float32, about
-2 GB) unless --model points at an existing folder, converts it once with
-`jresid convert`, then alternates fresh Python processes that load each
-format with `jresid.from_pretrained` (single device, or --mesh), and prints
-the median wall time and peak resident set size of each.
+2 GB) unless --model points at an existing folder, and converts it once
+with `jresid convert`. Then fresh Python processes load each format in turn
+with `jresid.from_pretrained` (single device, or --mesh). The script prints
+the median wall time and peak resident set size of each format.
 
     python benchmarks/bench_orbax.py [--model DIR] [--repeats 3] [--mesh data=2,model=4]
 

@@ -250,12 +250,11 @@ def component_gram(z_BTHE: jax.Array, o_kernel_HED: jax.Array, mlp_BTD: jax.Arra
     """Return the Gram matrices `[B, T, H + 1, H + 1]` of each token's head results and MLP output.
 
     Head h writes z_h W_h, with W_h its `[E, D]` slice of the output
-    projection, so <z_h W_h, z_g W_g> = z_h (W_h W_g^T) z_g^T. Going through
-    the `[H, E, H, E]` products W_h W_g^T costs T * (H E)^2 multiply-adds per
-    sequence in large matrix products, where the `[T, H, D]` head results
-    and their Gram take T * H * E * D plus T * (H + 1)^2 * D in small
-    batched ones, which ran about twice as slow on a 2-core CPU at the
-    Qwen2-0.5B shape.
+    projection, so <z_h W_h, z_g W_g> = z_h (W_h W_g^T) z_g^T. The
+    `[H, E, H, E]` products W_h W_g^T turn the work into large matrix
+    products. Building the `[T, H, D]` head results and their Gram instead
+    takes many small batched products, which ran about twice as slow on a
+    2-core CPU at the Qwen2-0.5B shape.
     """
     highest = jax.lax.Precision.HIGHEST
     z_BTHE = z_BTHE.astype(jnp.float32)

@@ -79,7 +79,7 @@ def gather(tree):
 
 
 def share_of(count: int) -> range:
-    """The indices, out of `count` work items, that this process handles: every process_count-th one."""
+    """Return the indices, out of `count` work items, that this process handles: every process_count-th one."""
     return range(jax.process_index(), count, jax.process_count())
 
 

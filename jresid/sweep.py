@@ -185,7 +185,7 @@ class Sweep:
         }
 
     def _check_folder(self) -> None:
-        """Create the folder, or check that it holds an earlier run of this same sweep.
+        """Create the folder, or check that it contains an earlier run of this same sweep.
 
         With several processes, process 0 owns the folder and tells the
         others whether it may be used.

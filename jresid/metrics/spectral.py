@@ -187,10 +187,10 @@ _TRACE_STATE = threading.local()
 def device_eigensolvers():
     """Trace the CPU eigensolvers as jaxlib's kernels, one matrix per call, inside this block.
 
-    Programs that span several devices use this: host callbacks in a program
-    with collectives can wait forever for their inputs (jaxlib 0.10.2), and a
-    batched kernel can starve the thread pool, while one matrix per call runs
-    without splitting its work.
+    Programs that span several devices use this. There, host callbacks in a
+    program with collectives can wait forever for their inputs (jaxlib
+    0.10.2), and a batched kernel can starve the thread pool. One matrix per
+    call runs without splitting its work.
     """
     previous = getattr(_TRACE_STATE, "device", False)
     _TRACE_STATE.device = True
