@@ -35,7 +35,15 @@ def _token_columns(tokens: list[str]) -> tuple[np.ndarray, str | None]:
 
 def _label(token: str) -> str:
     token = token.replace("\n", "\\n").replace("\t", "\\t")
+    if not token.strip():
+        token = token.replace(" ", "␣")  # a space token would otherwise get an empty label
     return token if len(token) <= 12 else token[:11] + "…"
+
+
+def _layer_axis(ax, num_layers: int) -> None:
+    step = max(1, int(np.ceil(num_layers / 16)))
+    ax.set_yticks(np.arange(0, num_layers, step))
+    ax.set_ylabel("layer")
 
 
 def _token_axis(ax, tokens: list[str], columns: np.ndarray) -> None:
@@ -62,7 +70,7 @@ def metric_heatmaps(values: dict[str, np.ndarray], tokens: list[str], path: str,
         image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest",
                           cmap="viridis", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-9)
         ax.set_title(name, fontsize=10, loc="left")
-        ax.set_ylabel("layer")
+        _layer_axis(ax, L)
         fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
         _token_axis(ax, tokens, columns)
     _finish(fig, title, note, path)
@@ -77,7 +85,7 @@ def mode_map(mode_LT: np.ndarray, tokens: list[str], mode_names: tuple[str, ...]
     cmap = ListedColormap(MODE_COLOURS[: len(mode_names)])
     ax.imshow(mode_LT[:, columns], aspect="auto", interpolation="nearest", cmap=cmap,
               vmin=-0.5, vmax=len(mode_names) - 0.5)
-    ax.set_ylabel("layer")
+    _layer_axis(ax, L)
     _token_axis(ax, tokens, columns)
     handles = [plt.Rectangle((0, 0), 1, 1, color=MODE_COLOURS[i]) for i in range(len(mode_names))]
     ax.legend(handles, mode_names, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
