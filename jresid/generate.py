@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class GenerationResult:
-    """What `generate` returns.
+    """Result of `generate`: the new tokens, their counts and, on request, the logits.
 
     Attributes:
         tokens: `[B, N]` int32 new token ids. After a row's end-of-text

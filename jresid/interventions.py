@@ -21,11 +21,11 @@ What each consumer of the forward pass reads:
   `attn.hook_result` return what the block computed, because `scale` and
   `ablate` act on the block's output only (the MLP reads the unedited
   attention output).
-* The metrics (a `layer_fn`) measure what the block wrote: `scale` and
-  `ablate` are part of the update, applied to every component (each head's
-  result and the MLP output, so the components still sum to the update),
-  while an `add` is not part of any block's update and changes only what
-  later blocks read.
+* The metrics (a `layer_fn`) measure what the block wrote. `scale` and
+  `ablate` are part of the update and apply to every component (each head's
+  result and the MLP output), so the components still sum to the update.
+  An `add` is not part of any block's update and changes only what later
+  blocks read.
 
 `compile_interventions` turns a list of interventions into `SteeringTables`:
 per-layer arrays that the scan over blocks indexes by layer. Layers without

@@ -187,8 +187,8 @@ class Sweep:
     def _check_folder(self) -> None:
         """Create the folder, or check that it contains an earlier run of this same sweep.
 
-        With several processes, process 0 owns the folder and tells the
-        others whether it may be used.
+        With several processes, process 0 owns the folder and broadcasts
+        to the others whether it may be used.
         """
         problem = None
         if distributed.is_main_process():

@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_tokenizer(documents: list[str], max_length: int):
     """Train a byte-level BPE tokenizer and return it as a transformers `Qwen2Tokenizer`.
 
-    transformers 5 loads every folder whose config says `model_type: qwen2`
+    transformers 5 loads every folder whose config sets `model_type: qwen2`
     with `Qwen2Tokenizer`, which applies Qwen2's NFC normalizer and
     pre-tokenizer (digits one by one) whatever `tokenizer.json` specifies. Training
     with the same normalizer and pre-tokenizer keeps training, evaluation and

@@ -25,6 +25,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_all(workers, kind: str, timeout: int = 300) -> list[str]:
+    """Wait for every process, kill them all on a timeout, and return their output once all exit 0."""
+    logs = []
+    for worker in workers:
+        try:
+            logs.append(worker.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for w in workers:
+                w.kill()
+            pytest.fail(f"the {kind} processes did not finish within {timeout} s")
+    for i, (worker, log) in enumerate(zip(workers, logs)):
+        assert worker.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
+    return logs
+
+
 @pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
     built = build_checkpoint(tmp_path / "ckpt", tie=False, seed=7, hidden_size=64, num_attention_heads=8,
@@ -44,16 +59,7 @@ def test_two_processes_match_single_process(tmp_path):
                           str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
-    logs = []
-    for worker in workers:
-        try:
-            logs.append(worker.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for w in workers:
-                w.kill()
-            pytest.fail("the worker processes did not finish within 300 s")
-    for i, (worker, log) in enumerate(zip(workers, logs)):
-        assert worker.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
+    logs = wait_for_all(workers, "worker")
 
     multi = np.load(out)
     model = jresid.from_pretrained(built.path)
@@ -116,16 +122,7 @@ def test_two_process_sweep_matches_one(tmp_path):
                  "--num-processes", "2", "--process-id", str(i)], env, ROOT)
         for i in range(2)
     ]
-    logs = []
-    for worker in workers:
-        try:
-            logs.append(worker.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for w in workers:
-                w.kill()
-            pytest.fail("the sweep processes did not finish within 300 s")
-    for i, (worker, log) in enumerate(zip(workers, logs)):
-        assert worker.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
+    logs = wait_for_all(workers, "sweep")
     assert "6 prompts" in logs[0], "process 0 should report the sweep"
     assert "results in" not in logs[1], "only process 0 should report the sweep"
 
