@@ -217,3 +217,45 @@ def test_component_gram_matches_explicit_rows():
     expected = np.einsum("btrd,btsd->btrs", rows, rows)
     assert gram.shape == (B, T, H + 1, H + 1)
     np.testing.assert_allclose(gram, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_component_gram_with_given_products():
+    from jresid.analyze import component_gram, head_products
+
+    rng = np.random.default_rng(12)
+    B, T, H, E, D = 1, 4, 3, 2, 5
+    z = rng.normal(size=(B, T, H, E)).astype(np.float32)
+    w = rng.normal(size=(H, E, D)).astype(np.float32)
+    mlp = rng.normal(size=(B, T, D)).astype(np.float32)
+
+    products = np.asarray(head_products(w))
+    w64 = w.astype(np.float64)
+    expected = np.einsum("hed,gfd->hegf", w64, w64).reshape(H, E, H * E)
+    np.testing.assert_allclose(products, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(component_gram(z, w, mlp, products)),
+                               np.asarray(component_gram(z, w, mlp)), rtol=1e-6, atol=1e-6)
+
+
+def test_output_products_cached_per_model(tiny_untied):
+    import jax.numpy as jnp
+
+    from jresid.analyze import head_products, output_products
+
+    tiny_model = jresid.from_pretrained(tiny_untied.path)
+    first = output_products(tiny_model)
+    assert output_products(tiny_model) is first
+    kernel = np.asarray(tiny_model.module.blocks.attn.o_kernel[...])
+    assert first.shape == (kernel.shape[0], kernel.shape[1], kernel.shape[2], kernel.shape[1] * kernel.shape[2])
+    for layer in range(kernel.shape[0]):
+        np.testing.assert_array_equal(np.asarray(first[layer]), np.asarray(head_products(kernel[layer])))
+
+    # New weights give new products.
+    attn = tiny_model.module.blocks.attn
+    original = attn.o_kernel[...]
+    try:
+        attn.o_kernel[...] = 2.0 * original
+        doubled = output_products(tiny_model)
+        np.testing.assert_allclose(np.asarray(doubled), 4.0 * np.asarray(first), rtol=1e-6)
+    finally:
+        attn.o_kernel[...] = original
+    assert jnp.array_equal(output_products(tiny_model), first)

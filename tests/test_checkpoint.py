@@ -268,3 +268,51 @@ def test_save_pretrained_round_trip(fixture, request, tmp_path):
     for name in saved:
         np.testing.assert_array_equal(saved[name], original[name], err_msg=name)
     assert Qwen2Config.from_json(tmp_path / "saved") == model.config
+
+
+def test_chunked_copy_gives_the_same_parameters(tiny_untied, monkeypatch):
+    import jresid.checkpoint as checkpoint
+
+    whole = flat_params(pretrained.from_pretrained(tiny_untied.path))
+    # Chunks of 256 bytes split every tensor, transposed ones included, into many slices.
+    monkeypatch.setattr(checkpoint, "COPY_CHUNK_BYTES", 256)
+    model = pretrained.from_pretrained(tiny_untied.path)
+    chunked = flat_params(model)
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        np.testing.assert_array_equal(chunked[name], whole[name], err_msg=name)
+    stored = load_tensors(tiny_untied.path / "model.safetensors")
+    np.testing.assert_array_equal(np.asarray(model.module.blocks.mlp.down_kernel[...][1]),
+                                  stored["model.layers.1.mlp.down_proj.weight"].T)
+    np.testing.assert_array_equal(np.asarray(model.module.lm_head.kernel[...]), stored["lm_head.weight"].T)
+
+
+def test_chunked_copy_of_transposed_view():
+    from jresid.checkpoint import COPY_CHUNK_BYTES, _copy_releasing
+
+    rng = np.random.default_rng(0)
+    source = rng.normal(size=(300, 7)).astype(np.float32)
+    out = np.empty((7, 300), dtype=np.float32)
+    releases = []
+    _copy_releasing(source.T, out, lambda: releases.append(1))
+    np.testing.assert_array_equal(out, source.T)
+    assert source.nbytes <= COPY_CHUNK_BYTES
+    assert not releases
+
+
+def test_aligned_buffers_are_taken_over_by_jax():
+    import jax
+
+    from jresid.checkpoint import BUFFER_ALIGNMENT, aligned_empty
+
+    for shape in [(3,), (5, 7), (1000, 129)]:
+        buffer = aligned_empty(shape, np.float32)
+        assert buffer.shape == shape
+        assert buffer.flags.c_contiguous
+        assert buffer.ctypes.data % BUFFER_ALIGNMENT == 0
+    buffer = aligned_empty((1000, 129), np.float32)
+    buffer[...] = 1.0
+    array = jax.device_put(buffer)
+    if jax.default_backend() == "cpu":
+        # The loader relies on this to hold each parameter once.
+        assert array.unsafe_buffer_pointer() == buffer.ctypes.data

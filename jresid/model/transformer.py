@@ -52,7 +52,7 @@ class ForwardOutput(NamedTuple):
     layer_outputs: Any  # layer_fn's results stacked over layers, or None
 
 
-LayerFn = Callable[["Block", BlockActivations, jax.Array], Any]
+LayerFn = Callable[["Block", BlockActivations, jax.Array, jax.Array], Any]
 
 
 def _matmul_precision(dtype) -> jax.lax.Precision:
@@ -181,7 +181,8 @@ class Qwen2(nnx.Module):
                 side. `None` means no padding.
             capture: which capture points to return.
             layer_fn: called once per block as `layer_fn(block, activations,
-                valid_BT)`; its results are stacked over layers.
+                valid_BT, layer)`, with `layer` the block's index as a traced
+                integer; its results are stacked over layers.
             return_logits: skip the output layer when False.
             steering: intervention tables from
                 `jresid.interventions.compile_interventions`, or None.
@@ -279,7 +280,7 @@ class Qwen2(nnx.Module):
                 value = jnp.where(slot >= 0, value.astype(buffer.dtype), kept)
                 new_buffers[point] = jax.lax.dynamic_update_index_in_dim(buffer, value, index, axis=0)
 
-            outputs = None if layer_fn is None else layer_fn(measured_block, measured, valid_BT)
+            outputs = None if layer_fn is None else layer_fn(measured_block, measured, valid_BT, layer)
             return (acts.resid_post, new_buffers), outputs
 
         (x_BTD, buffers), layer_outputs = jax.lax.scan(
