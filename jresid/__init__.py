@@ -14,6 +14,7 @@ from jresid.checkpoint import CheckpointError
 from jresid.config import ConfigError, Qwen2Config, UnsupportedConfigError
 from jresid.pretrained import Model, from_pretrained, pad_token_ids
 from jresid.analyze import AnalysisResult, analyze  # noqa: E402  (needs the names above)
+from jresid.streaming import StreamedModel, stream_pretrained
 from jresid.metrics import MetricOptions
 from jresid.interventions import Intervention
 # `jresid.generate` is the function from here on, as `jresid.analyze` is; import the
@@ -37,9 +38,11 @@ __all__ = [
     "ModeDirections",
     "Model",
     "Qwen2Config",
+    "StreamedModel",
     "UnsupportedConfigError",
     "__version__",
     "derive_directions",
+    "stream_pretrained",
     "from_pretrained",
     "generate",
     "learn_steering_vector",

@@ -161,19 +161,13 @@ def analyze(
     """
     options.setdefault("sequence_complexity", True)
     metric_options = MetricOptions(**options)
-    if isinstance(calibration, (str, os.PathLike)):
-        calibration = modes_lib.Calibration.load(calibration)
-    if calibration is not None:
-        calibration.check_compatible(model.config.num_hidden_layers)
+    calibration = read_calibration(calibration, model.config.num_hidden_layers)
     spec = CaptureSpec.from_names_filter(names_filter, model.config.num_hidden_layers)
     steering = model.steering_tables(interventions)
 
-    ids_BT, mask_BT = model.prepare_inputs(input_ids, attention_mask)
-    B, T = ids_BT.shape
-    padded = bucket_length(T) if bucket else T
-    if padded > T:
-        ids_BT = jnp.pad(ids_BT, ((0, 0), (0, padded - T)))
-        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, padded - T)))
+    prepared = model.prepare_inputs(input_ids, attention_mask)
+    B, T = prepared[0].shape
+    ids_BT, mask_BT = prepare_batch(prepared, bucket)
 
     # Rows that place_batch adds to fill the mesh's data axis stay out of the calibration.
     real_rows_B = np.zeros(sharding_lib.pad_batch(B, model.mesh), dtype=np.int32)
@@ -181,10 +175,7 @@ def analyze(
     ids_BT, mask_BT = model.place_batch(ids_BT, mask_BT)
 
     # Metadata stays out of the compiled program, so that a loaded calibration adds no compilation.
-    boundaries = None if calibration is None else dataclasses.replace(
-        calibration, options=None, model_id="", energy=jnp.asarray(calibration.energy, jnp.float32),
-        expansion=jnp.asarray(calibration.expansion, jnp.float32),
-        complexity=jnp.asarray(calibration.complexity, jnp.float32), tokens=None)
+    boundaries = calibration_boundaries(calibration)
     real_rows_B = sharding_lib.put_batch(real_rows_B, model.mesh)
     replicated = None if model.mesh is None else sharding_lib.replicated(model.mesh)
     products = None
@@ -193,14 +184,49 @@ def analyze(
     out = _analyze_program(model.graphdef, model.state, ids_BT, mask_BT, real_rows_B,
                            metric_options, spec, boundaries, replicated, steering, products)
     out = distributed.gather(out)
+    return assemble_result(out, B, T, calibration, metric_options, model.path or "", spec)
 
+
+def prepare_batch(prepared: tuple[jax.Array, jax.Array], bucket: bool) -> tuple[jax.Array, jax.Array]:
+    """Pad checked `[B, T]` ids and mask up to the bucket length when `bucket` is set."""
+    ids_BT, mask_BT = prepared
+    T = ids_BT.shape[1]
+    padded = bucket_length(T) if bucket else T
+    if padded > T:
+        ids_BT = jnp.pad(ids_BT, ((0, 0), (0, padded - T)))
+        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, padded - T)))
+    return ids_BT, mask_BT
+
+
+def read_calibration(calibration, num_layers: int) -> modes_lib.Calibration | None:
+    """Load a calibration given as a path and check that it fits a model of `num_layers` blocks."""
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = modes_lib.Calibration.load(calibration)
+    if calibration is not None:
+        calibration.check_compatible(num_layers)
+    return calibration
+
+
+def calibration_boundaries(calibration: modes_lib.Calibration | None):
+    """Return the calibration's boundaries as arrays, without the metadata that would change the program."""
+    if calibration is None:
+        return None
+    return dataclasses.replace(
+        calibration, options=None, model_id="", energy=jnp.asarray(calibration.energy, jnp.float32),
+        expansion=jnp.asarray(calibration.expansion, jnp.float32),
+        complexity=jnp.asarray(calibration.complexity, jnp.float32), tokens=None)
+
+
+def assemble_result(out: dict, B: int, T: int, calibration: modes_lib.Calibration | None,
+                    metric_options: MetricOptions, model_id: str, spec: CaptureSpec) -> AnalysisResult:
+    """Cut the compiled program's outputs to `B` rows and `T` positions and wrap them in an `AnalysisResult`."""
     per_token = {name: np.asarray(out[name])[:B, :, :T] for name in (*METRIC_NAMES, "mode")}
     if calibration is None:
         found = out["boundaries"]
         calibration = modes_lib.Calibration(
             energy=np.asarray(found.energy), expansion=np.asarray(found.expansion),
             complexity=np.asarray(found.complexity), tokens=np.asarray(found.tokens),
-            options=metric_options, model_id=model.path or "",
+            options=metric_options, model_id=model_id,
         )
     cache = None
     if not spec.is_empty:
@@ -287,7 +313,7 @@ def _output_products(o_kernel_LHED: jax.Array) -> jax.Array:
     def one_block(kernel_HED):
         return head_products(kernel_HED)
 
-    # One block at a time, so that a bfloat16 model never holds every kernel in float32.
+    # One block at a time, so that a bfloat16 model never has every kernel in float32 at once.
     return jax.lax.map(one_block, o_kernel_LHED)
 
 
@@ -356,7 +382,23 @@ def _analyze_program(graphdef, state, ids_BT, mask_BT, real_rows_B, options: Met
         return_logits=False,
         steering=steering,
     )
-    per_layer = output.layer_outputs  # fields [L, B, T], sequence_complexity [L, B]
+    return label_and_collect(output.layer_outputs, output.captures, ids_BT, mask_BT, real_rows_B, boundaries,
+                             replicated)
+
+
+def label_and_collect(per_layer, captures, ids_BT, mask_BT, real_rows_B, boundaries, replicated=None) -> dict:
+    """Label the modes and gather what `analyze` returns, inside a compiled program.
+
+    Args:
+        per_layer: `LayerMetrics` with fields `[L, B, T]` and
+            sequence_complexity `[L, B]`.
+        captures: captured activations by name.
+        ids_BT, mask_BT: the padded batch.
+        real_rows_B: 1 for rows of the caller's batch, 0 for added rows,
+            which stay out of the calibration.
+        boundaries: calibration boundaries, or None to calibrate on the batch.
+        replicated: a replicated sharding on a mesh, or None.
+    """
     values = {name: jnp.swapaxes(getattr(per_layer, name), 0, 1) for name in METRIC_NAMES}
     valid_BT = mask_BT.astype(bool)
 
@@ -371,7 +413,7 @@ def _analyze_program(graphdef, state, ids_BT, mask_BT, real_rows_B, options: Met
         "mode": mode_BLT,
         "sequence_complexity": jnp.swapaxes(per_layer.sequence_complexity, 0, 1),
         "boundaries": boundaries,
-        "captures": output.captures,
+        "captures": captures,
         "valid": valid_BT,
         "input_ids": ids_BT,
     }

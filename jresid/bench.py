@@ -7,6 +7,8 @@ that each peak memory figure covers one load and one workload:
 - `jresid-analyze`: `jresid.analyze` with default options (forward pass,
   the four metrics with the component complexity, the sequence complexity
   and the mode labels, in one compiled program);
+- `jresid-streamed`: the same analysis through `jresid.stream_pretrained`,
+  which reads one block's weights at a time instead of loading the model;
 - `jresid-forward`: `Model.forward`, logits for every position;
 - `matmul`: a large jitted matmul, the device's measured rate, and the
   forward's own matmul shapes;

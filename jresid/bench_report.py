@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 WORKLOAD_LABELS = {
     "jresid-analyze": "jresid analyze (forward + metrics)",
+    "jresid-streamed": "jresid analyze, one block in memory",
     "jresid-forward": "jresid forward (logits)",
     "tl-metrics": "TL run_with_cache + metrics",
     "tl-forward": "TL HookedTransformer forward",
@@ -265,6 +266,9 @@ class BenchReport:
             "jresid forward / tl-forward time": ratio(median("jresid-forward"), median("tl-forward")),
             "analyze / tl-metrics peak memory": ratio(peak("jresid-analyze"), peak("tl-metrics")),
             "analyze peak memory / parameter bytes": ratio(peak("jresid-analyze"), param_bytes),
+            "streamed analyze / tl-metrics time": ratio(median("jresid-streamed"), median("tl-metrics")),
+            "streamed analyze / tl-metrics peak memory": ratio(peak("jresid-streamed"), peak("tl-metrics")),
+            "streamed analyze peak memory / parameter bytes": ratio(peak("jresid-streamed"), param_bytes),
             "forward FLOP/s / matmul rate": ratio(ratio(flops.total, median("jresid-forward")), self.matmul_rate()),
             "forward without logits FLOP/s / matmul rate": ratio(ratio(flops.blocks, blocks_s), self.matmul_rate()),
         }

@@ -34,7 +34,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-JRESID_WORKLOADS = ("jresid-analyze", "jresid-forward", "matmul")
+JRESID_WORKLOADS = ("jresid-analyze", "jresid-streamed", "jresid-forward", "matmul")
 REFERENCE_WORKLOADS = ("tl-metrics", "tl-forward", "bridge-resid")
 WORKLOADS = JRESID_WORKLOADS + REFERENCE_WORKLOADS
 
@@ -163,6 +163,28 @@ def run_jresid_analyze(spec: dict, result: dict) -> None:
 
     result["parts"] = {"analyze, no sequence complexity":
                        _timing(*time_calls(four_metrics, spec["warmup"], spec["repeats"]))}
+
+
+def run_jresid_streamed(spec: dict, result: dict) -> None:
+    """Time `StreamedModel.analyze` with default options: the analysis reading one block's weights at a time."""
+    import jax
+    import numpy as np
+
+    import jresid
+
+    result["rss_after_import_bytes"] = current_rss_bytes()
+    start = time.perf_counter()
+    model = jresid.stream_pretrained(spec["model"], dtype=spec["dtype"])
+    result["load_s"] = time.perf_counter() - start
+    result["peak_rss_after_load_bytes"] = peak_rss_bytes()
+    result["param_bytes"] = model.param_bytes
+    result["backend"] = jax.default_backend()
+    result["device"] = str(jax.local_devices()[0].device_kind)
+    ids = token_ids(spec)
+    mask = np.ones_like(ids)
+    result.update(_timing(*time_calls(lambda: model.analyze(ids, mask), spec["warmup"], spec["repeats"])))
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["device_peak_bytes"] = _jax_device_peak()
 
 
 def run_jresid_forward(spec: dict, result: dict) -> None:
@@ -362,6 +384,7 @@ def run_bridge_resid(spec: dict, result: dict) -> None:
 
 RUNNERS = {
     "jresid-analyze": run_jresid_analyze,
+    "jresid-streamed": run_jresid_streamed,
     "jresid-forward": run_jresid_forward,
     "matmul": run_matmul,
     "tl-metrics": run_tl_metrics,

@@ -354,6 +354,39 @@ class Checkpoint:
             maps.close()
         return params
 
+    def read_layer(self, layer: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+        """Read one block's parameters into host memory, keyed by their path inside a block (`attn.q_kernel`).
+
+        The arrays are aligned, so jax takes them over without a copy on CPU.
+        """
+        if not 0 <= layer < self.config.num_hidden_layers:
+            raise ValueError(f"layer {layer} is out of range; the model has {self.config.num_hidden_layers} blocks")
+        maps = _MappedFiles()
+        out = {}
+        try:
+            for rule in tensor_rules(self.config):
+                if not rule.per_layer:
+                    continue
+                info = self.tensors[rule.hf_name.format(l=layer)]
+                value = aligned_empty(param_shape(rule, self.config)[1:], dtype)
+                _copy_releasing(rule.to_jresid(maps.view(info), self.config), value, lambda: maps.release(info))
+                maps.release(info)
+                out[rule.param.removeprefix("blocks.")] = value
+        finally:
+            maps.close()
+        return out
+
+    def read_embedding_rows(self, ids: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """Return the embedding rows of `ids` (any shape), read from the file without loading the whole table."""
+        info = self.tensors["model.embed_tokens.weight"]
+        maps = _MappedFiles()
+        try:
+            rows = np.take(maps.view(info), np.asarray(ids), axis=0).astype(dtype)
+            maps.release(info)
+        finally:
+            maps.close()
+        return rows
+
     def _place(self, rule: TensorRule, dtype: np.dtype, sharding, maps: _MappedFiles) -> jax.Array:
         config = self.config
         shape = param_shape(rule, config)

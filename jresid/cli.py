@@ -106,6 +106,12 @@ def _load_model(args: argparse.Namespace):
         if args.model is None:
             raise CommandError(f"the shipped model is missing at {path}; pass --model DIR or set {DEFAULT_MODEL_ENV}")
         raise CommandError(f"model folder not found: {path}")
+    if getattr(args, "stream_blocks", False):
+        if args.mesh:
+            raise CommandError("--stream-blocks runs on one device; drop --mesh, or drop --stream-blocks "
+                               "to shard the loaded model")
+        logger.info("opening %s to read one block at a time", path)
+        return jresid.stream_pretrained(path, dtype=args.dtype)
     mesh = None
     if getattr(args, "mesh", None):
         from jresid.sharding import mesh_from_spec
@@ -139,7 +145,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model = _load_model(args)
     token_ids = tokenize_prompts(model, prompts)
     ids, mask = pad_token_ids(token_ids, padding_side="right")
-    result = analyze(model, ids, mask, calibration=args.calibration, **options)
+    if args.stream_blocks:
+        result = model.analyze(ids, mask, calibration=args.calibration, **options)
+    else:
+        result = analyze(model, ids, mask, calibration=args.calibration, **options)
 
     prompt_ids = [p.id for p in prompts]
     print(f"model: {model.path} ({model.config.num_hidden_layers} layers, d_model {model.config.hidden_size})")
@@ -277,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or JSONL with id and prompt")
     analyze.add_argument("--out", metavar="DIR", help="write tokens.parquet, layers.parquet, plots and run.json here")
     analyze.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    analyze.add_argument("--stream-blocks", action="store_true",
+                         help="read one block's weights at a time instead of loading the model: the peak memory "
+                              "is about one block's parameters plus the activations, and each run reads every "
+                              "block again, so it is slower")
     _add_model_arguments(analyze)
     _add_metric_arguments(analyze)
     analyze.set_defaults(run=cmd_analyze)

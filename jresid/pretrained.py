@@ -63,44 +63,8 @@ class Model:
             self.tokenizer.save_pretrained(folder)
 
     def prepare_inputs(self, input_ids, attention_mask=None) -> tuple[jax.Array, jax.Array]:
-        """Check token ids and mask, and return them as int32 arrays `[B, T]`.
-
-        Raises:
-            ValueError: ids out of the vocabulary, a mask of another shape, or
-                a row with no real token.
-        """
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or ids.size == 0:
-            raise ValueError(f"input_ids must be [batch, positions] with at least one token, got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
-        if attention_mask is None:
-            mask = np.ones(ids.shape, dtype=np.int32)
-        else:
-            mask = np.asarray(attention_mask)
-            if mask.ndim == 1:
-                mask = mask[None]
-            if mask.shape != ids.shape:
-                raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
-            if not np.isin(mask, (0, 1)).all():
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-        real = mask.astype(bool)
-        vocab = self.config.vocab_size
-        bad = (ids < 0) | (ids >= vocab)
-        if (bad & real).any():
-            b, t = np.argwhere(bad & real)[0]
-            raise ValueError(f"token id {ids[b, t]} at batch {b}, position {t} is outside the vocabulary [0, {vocab})")
-        empty = np.flatnonzero(~real.any(axis=1))
-        if empty.size:
-            raise ValueError(f"batch row(s) {empty.tolist()} have no real token in attention_mask")
-        ids = np.where(bad, 0, ids)  # padding ids outside the vocabulary are harmless
-        longest = int(real.sum(axis=1).max())
-        if longest > self.config.max_position_embeddings:
-            raise ValueError(f"a prompt has {longest} tokens, more than the model's "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
-        return jnp.asarray(ids, dtype=jnp.int32), jnp.asarray(mask, dtype=jnp.int32)
+        """Check token ids and mask, and return them as int32 arrays `[B, T]` (see `prepare_inputs`)."""
+        return prepare_inputs(self.config, input_ids, attention_mask)
 
     def forward(self, input_ids, attention_mask=None, interventions=None) -> jax.Array:
         """Return float32 logits `[B, T, V]`, with `interventions` applied when given."""
@@ -200,6 +164,47 @@ def flat_params(state) -> dict[str, jax.Array]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         out[".".join(str(key.key) for key in path if isinstance(key, jax.tree_util.DictKey))] = leaf
     return out
+
+
+def prepare_inputs(config: Qwen2Config, input_ids, attention_mask=None) -> tuple[jax.Array, jax.Array]:
+    """Check token ids and mask, and return them as int32 arrays `[B, T]`.
+
+    Raises:
+        ValueError: ids out of the vocabulary, a mask of another shape, or
+            a row with no real token.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.size == 0:
+        raise ValueError(f"input_ids must be [batch, positions] with at least one token, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+    if attention_mask is None:
+        mask = np.ones(ids.shape, dtype=np.int32)
+    else:
+        mask = np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    real = mask.astype(bool)
+    vocab = config.vocab_size
+    bad = (ids < 0) | (ids >= vocab)
+    if (bad & real).any():
+        b, t = np.argwhere(bad & real)[0]
+        raise ValueError(f"token id {ids[b, t]} at batch {b}, position {t} is outside the vocabulary [0, {vocab})")
+    empty = np.flatnonzero(~real.any(axis=1))
+    if empty.size:
+        raise ValueError(f"batch row(s) {empty.tolist()} have no real token in attention_mask")
+    ids = np.where(bad, 0, ids)  # padding ids outside the vocabulary are harmless
+    longest = int(real.sum(axis=1).max())
+    if longest > config.max_position_embeddings:
+        raise ValueError(f"a prompt has {longest} tokens, more than the model's "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    return jnp.asarray(ids, dtype=jnp.int32), jnp.asarray(mask, dtype=jnp.int32)
 
 
 def build_module(config: Qwen2Config, params: dict[str, jax.Array], dtype, mesh=None) -> Qwen2:

@@ -152,6 +152,7 @@ def test_bench_command_end_to_end(tiny_untied, tmp_path, capsys):
     assert "matmul (cpu" in out
     assert "analyze / tl-metrics time" in out
     assert "forward FLOP/s / matmul rate" in out
+    assert "streamed analyze / tl-metrics peak memory" in out
 
     report = json.loads(report_path.read_text())
     assert not report["failed"]

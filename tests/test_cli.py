@@ -67,6 +67,24 @@ def test_analyze_prompts_file(tmp_path, capsys):
     assert not list((tmp_path / "run").glob("*.png"))
 
 
+def test_analyze_stream_blocks_equals_loaded(tmp_path):
+    prompt = "Alice has 3 apples. Bob gives her 4 more. Now Alice has 7 apples."
+    assert main(["analyze", "--prompt", prompt, "--out", str(tmp_path / "loaded"), "--no-plots"]) == 0
+    assert main(["analyze", "--prompt", prompt, "--out", str(tmp_path / "streamed"), "--no-plots",
+                 "--stream-blocks"]) == 0
+    loaded = pq.read_table(tmp_path / "loaded" / "tokens.parquet").to_pandas()
+    streamed = pq.read_table(tmp_path / "streamed" / "tokens.parquet").to_pandas()
+    assert list(streamed["token"]) == list(loaded["token"])
+    for name in ("energy", "innovation", "expansion", "complexity"):
+        np.testing.assert_allclose(streamed[name], loaded[name], rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+def test_analyze_stream_blocks_rejects_mesh(capsys):
+    code = main(["analyze", "--prompt", "Hello", "--stream-blocks", "--mesh", "data=1"])
+    assert code != 0
+    assert "--stream-blocks runs on one device" in capsys.readouterr().err
+
+
 def read_dataset(folder):
     table = pq.read_table(folder / "tokens").to_pandas()
     return table.sort_values(["prompt_id", "layer", "position"]).reset_index(drop=True)

@@ -55,6 +55,16 @@ class ForwardOutput(NamedTuple):
 LayerFn = Callable[["Block", BlockActivations, jax.Array, jax.Array], Any]
 
 
+def attention_inputs(config: Qwen2Config, valid_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Return the rotary cosines and sines `[B, T, E]` and the causal, padding-aware `allowed_BTS` of a batch."""
+    T = valid_BT.shape[1]
+    positions_BT = positions_from_mask(valid_BT)
+    cos_BTE, sin_BTE = rotary_angles(positions_BT, config.head_dim, config.rope_theta)
+    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+    allowed_BTS = causal_TS[None] & valid_BT[:, None, :]
+    return cos_BTE, sin_BTE, allowed_BTS
+
+
 def _matmul_precision(dtype) -> jax.lax.Precision:
     # float32 models compare against float32 references to 1e-5, so their
     # matmuls must not drop to bfloat16 passes (the TPU default) or TF32.
@@ -194,10 +204,7 @@ class Qwen2(nnx.Module):
         else:
             valid_BT = attention_mask_BT.astype(bool)
 
-        positions_BT = positions_from_mask(valid_BT)
-        cos_BTE, sin_BTE = rotary_angles(positions_BT, config.head_dim, config.rope_theta)
-        causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-        allowed_BTS = causal_TS[None] & valid_BT[:, None, :]
+        cos_BTE, sin_BTE, allowed_BTS = attention_inputs(config, valid_BT)
 
         x_BTD = self.embed(input_ids_BT)
         captures = {}
