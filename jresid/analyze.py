@@ -160,8 +160,8 @@ def analyze(
         ValueError: an unknown option or an invalid value, before any compute.
     """
     options.setdefault("sequence_complexity", True)
-    metric_options = MetricOptions(**options)
-    calibration = read_calibration(calibration, model.config.num_hidden_layers)
+    metric_options = MetricOptions.from_dict(options)
+    calibration = read_calibration(calibration, model.config.num_hidden_layers, metric_options)
     spec = CaptureSpec.from_names_filter(names_filter, model.config.num_hidden_layers)
     steering = model.steering_tables(interventions)
 
@@ -198,12 +198,25 @@ def prepare_batch(prepared: tuple[jax.Array, jax.Array], bucket: bool) -> tuple[
     return ids_BT, mask_BT
 
 
-def read_calibration(calibration, num_layers: int) -> modes_lib.Calibration | None:
-    """Load a calibration given as a path and check that it fits a model of `num_layers` blocks."""
+def read_calibration(calibration, num_layers: int, options: MetricOptions) -> modes_lib.Calibration | None:
+    """Load a calibration given as a path and check that it fits a model of `num_layers` blocks.
+
+    Logs a warning when the calibration was measured with other metric
+    options than `options`: its terciles then describe other metrics.
+    """
     if isinstance(calibration, (str, os.PathLike)):
         calibration = modes_lib.Calibration.load(calibration)
-    if calibration is not None:
-        calibration.check_compatible(num_layers)
+    if calibration is None:
+        return None
+    calibration.check_compatible(num_layers)
+    if calibration.options is not None:
+        differing = options.differences(calibration.options)
+        if differing:
+            details = ", ".join(f"{name}={getattr(options, name)!r} (calibration: "
+                                f"{getattr(calibration.options, name)!r})" for name in differing)
+            logger.warning("the calibration was measured with other metric options: %s; the mode labels "
+                           "compare against terciles of other metrics, so calibrate again with these options",
+                           details)
     return calibration
 
 

@@ -165,6 +165,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "model": results.model_identity(model),
             "options": result.options.to_dict(),
             "prompts": [{"id": p.id, "prompt": p.text} for p in prompts],
+            "stream_blocks": bool(args.stream_blocks),
             "versions": results.versions(),
         }, os.path.join(args.out, "run.json"))
         if not args.no_plots:

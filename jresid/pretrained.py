@@ -125,11 +125,17 @@ class Model:
 
     def tokenize(self, texts: str | list[str], padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
         """Tokenise text with the checkpoint's tokenizer; returns `(input_ids, attention_mask)`."""
-        if self.tokenizer is None:
-            raise ValueError(f"{self.path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass token ids")
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        encoded = [self.tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
-        return pad_token_ids(encoded, padding_side=padding_side)
+        return tokenize_texts(self.tokenizer, self.path, texts, padding_side)
+
+
+def tokenize_texts(tokenizer, path: str | None, texts: str | list[str],
+                   padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise text with `tokenizer` (the checkpoint at `path`'s) and pad it: `(input_ids, attention_mask)`."""
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass token ids")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
+    return pad_token_ids(encoded, padding_side=padding_side)
 
 
 def pad_token_ids(sequences: list[list[int]], padding_side: str = "right", length: int | None = None,
@@ -173,11 +179,18 @@ def prepare_inputs(config: Qwen2Config, input_ids, attention_mask=None) -> tuple
         ValueError: ids out of the vocabulary, a mask of another shape, or
             a row with no real token.
     """
-    ids = np.asarray(input_ids)
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError as error:
+        raise ValueError(f"input_ids must be a rectangular [batch, positions] array ({error}); pad rows of "
+                         "different lengths with jresid.pad_token_ids, or tokenise with model.tokenize") from error
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.size == 0:
         raise ValueError(f"input_ids must be [batch, positions] with at least one token, got shape {ids.shape}")
+    if ids.dtype.kind in "USO":
+        raise ValueError("input_ids must be token ids, got text; tokenise it first with "
+                         "model.tokenize(texts), which returns (input_ids, attention_mask)")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
     if attention_mask is None:

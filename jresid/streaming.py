@@ -92,6 +92,12 @@ class StreamedModel:
         count = sum(math.prod(param_shape(rule, self.config)) for rule in tensor_rules(self.config))
         return count * self.dtype.itemsize
 
+    def tokenize(self, texts: str | list[str], padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+        """Tokenise text with the checkpoint's tokenizer; returns `(input_ids, attention_mask)`."""
+        from jresid.pretrained import tokenize_texts
+
+        return tokenize_texts(self.tokenizer, self.path, texts, padding_side)
+
     def block_state(self, layer: int):
         """Read block `layer`'s weights and return them as the state of a one-block module."""
         params = self.checkpoint.read_layer(layer, self.dtype)
@@ -119,9 +125,9 @@ class StreamedModel:
                 raise ValueError(f"{unsupported} is not supported when streaming blocks; load the model "
                                  "with jresid.from_pretrained and call jresid.analyze for it")
         options.setdefault("sequence_complexity", True)
-        metric_options = MetricOptions(**options)
+        metric_options = MetricOptions.from_dict(options)
         num_layers = self.config.num_hidden_layers
-        calibration = read_calibration(calibration, num_layers)
+        calibration = read_calibration(calibration, num_layers, metric_options)
 
         prepared = prepare_inputs(self.config, input_ids, attention_mask)
         B, T = prepared[0].shape

@@ -72,6 +72,8 @@ def test_analyze_stream_blocks_equals_loaded(tmp_path):
     assert main(["analyze", "--prompt", prompt, "--out", str(tmp_path / "loaded"), "--no-plots"]) == 0
     assert main(["analyze", "--prompt", prompt, "--out", str(tmp_path / "streamed"), "--no-plots",
                  "--stream-blocks"]) == 0
+    assert json.loads((tmp_path / "streamed" / "run.json").read_text())["stream_blocks"] is True
+    assert json.loads((tmp_path / "loaded" / "run.json").read_text())["stream_blocks"] is False
     loaded = pq.read_table(tmp_path / "loaded" / "tokens.parquet").to_pandas()
     streamed = pq.read_table(tmp_path / "streamed" / "tokens.parquet").to_pandas()
     assert list(streamed["token"]) == list(loaded["token"])

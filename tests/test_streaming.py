@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,45 @@ def test_layer_out_of_range(tiny_untied):
 def test_missing_folder(tmp_path):
     with pytest.raises(jresid.ConfigError, match="model folder not found"):
         jresid.stream_pretrained(tmp_path / "absent")
+
+
+def test_misspelt_option_gets_a_suggestion(tiny_untied):
+    streamed = jresid.stream_pretrained(tiny_untied.path)
+    with pytest.raises(ValueError, match="'histroy' \\(did you mean 'history'\\?\\)"):
+        streamed.analyze(np.array([[1, 2, 3]]), histroy="full")
+    model = jresid.from_pretrained(tiny_untied.path)
+    with pytest.raises(ValueError, match="did you mean 'window'"):
+        analyze(model, np.array([[1, 2, 3]]), windw=4)
+
+
+def test_text_and_ragged_ids_rejected(tiny_untied):
+    streamed = jresid.stream_pretrained(tiny_untied.path)
+    with pytest.raises(ValueError, match="tokenise it first with model.tokenize"):
+        streamed.analyze(["Ana lives in Oslo."])
+    with pytest.raises(ValueError, match="pad rows of different lengths with jresid.pad_token_ids"):
+        streamed.analyze([[1, 2, 3], [4, 5]])
+
+
+def test_calibration_with_other_options_warns(tiny_untied, caplog):
+    streamed = jresid.stream_pretrained(tiny_untied.path)
+    ids, mask = padded_batch(streamed.config.vocab_size, seed=9)
+    calibration = streamed.analyze(ids, mask).calibration
+    with caplog.at_level("WARNING", logger="jresid.analyze"):
+        streamed.analyze(ids, mask, calibration=calibration)
+    assert "other metric options" not in caplog.text
+    with caplog.at_level("WARNING", logger="jresid.analyze"):
+        streamed.analyze(ids, mask, calibration=calibration, history="full")
+    assert "history='full' (calibration: 'window')" in caplog.text
+
+
+def test_streamed_tokenize_matches_loaded():
+    from jresid.cli import default_model_path
+
+    path = default_model_path()
+    if not (os.path.isdir(path) and os.listdir(path)):
+        pytest.skip(f"the shipped model is missing at {path}")
+    texts = ["Ana lives in Oslo.", "Where does Ana live? Oslo."]
+    streamed_ids, streamed_mask = jresid.stream_pretrained(path).tokenize(texts)
+    loaded_ids, loaded_mask = jresid.from_pretrained(path).tokenize(texts)
+    np.testing.assert_array_equal(streamed_ids, loaded_ids)
+    np.testing.assert_array_equal(streamed_mask, loaded_mask)

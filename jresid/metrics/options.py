@@ -8,6 +8,7 @@ default and the cost of each choice.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import numbers
@@ -142,7 +143,22 @@ class MetricOptions:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                if close:
+                    hints.append(f"{name!r} (did you mean {close[0]!r}?)")
+                else:
+                    hints.append(repr(name))
             raise ValueError(
-                f"unknown metric option(s) {unknown}; known options are {sorted(known)}"
+                f"unknown metric option(s) {', '.join(hints)}; known options are {sorted(known)}"
             )
         return cls(**raw)
+
+    def differences(self, other: MetricOptions) -> list[str]:
+        """Return the names of the options that change per-token metrics and differ from `other`'s."""
+        return [
+            field.name
+            for field in dataclasses.fields(self)
+            if field.name != "sequence_complexity" and getattr(self, field.name) != getattr(other, field.name)
+        ]
