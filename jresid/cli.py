@@ -206,6 +206,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     prompts = read_prompts(args.prompts, jsonl=True)
+    if args.stream_blocks and (args.distributed or args.coordinator_address or args.num_processes is not None
+                               or args.process_id is not None):
+        raise CommandError("--stream-blocks runs in one process; drop the jax.distributed options, or drop "
+                           "--stream-blocks to share the sweep between processes")
     _start_distributed(args)
     model = _load_model(args)
     sweep = Sweep(model, prompts, args.out, batch_size=args.batch_size, calibration=args.calibration, **options)
@@ -303,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", metavar="DIR", required=True, help="output folder (created, or resumed)")
     sweep.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.add_argument("--stream-blocks", action="store_true",
+                       help="read one block's weights at a time instead of loading the model (one process, "
+                            "one device); each batch reads every block again, so it is slower")
     _add_model_arguments(sweep)
     _add_distributed_arguments(sweep)
     _add_metric_arguments(sweep)

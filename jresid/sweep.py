@@ -154,6 +154,8 @@ class Sweep:
     """A sweep of `prompts` through `model`, writing into `out`.
 
     Args:
+        model: a `Model` from `jresid.from_pretrained`, or a `StreamedModel`
+            from `jresid.stream_pretrained` (one block's weights at a time).
         calibration: a `Calibration` (or its file) used for every batch;
             `None` calibrates on the first batch.
         options: metric options, as for `jresid.analyze`.
@@ -276,7 +278,12 @@ class Sweep:
 
         rows = self.batches[index]
         ids, mask = pad_token_ids([self.token_ids[i] for i in rows], padding_side="right")
-        result = analyze(self.model, ids, mask, calibration=calibration, **self.options.to_dict())
+        from jresid.streaming import StreamedModel
+
+        if isinstance(self.model, StreamedModel):
+            result = self.model.analyze(ids, mask, calibration=calibration, **self.options.to_dict())
+        else:
+            result = analyze(self.model, ids, mask, calibration=calibration, **self.options.to_dict())
         if calibration is None:
             calibration = result.calibration
             if distributed.is_main_process():
