@@ -42,7 +42,8 @@ def op_sources(hlo_text: str) -> dict[str, str]:
     sources = {}
     pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"", re.MULTILINE)
     for name, op_name in pattern.findall(hlo_text):
-        sources[name] = op_name.split("/")[-2] + "/" + op_name.split("/")[-1] if "/" in op_name else op_name
+        # The last two path parts name the operation, such as `btd,df->btf/dot_general`.
+        sources[name] = "/".join(op_name.split("/")[-2:])
     return sources
 
 

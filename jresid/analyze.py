@@ -323,11 +323,8 @@ def output_products(model: Model) -> jax.Array:
 
 @jax.jit
 def _output_products(o_kernel_LHED: jax.Array) -> jax.Array:
-    def one_block(kernel_HED):
-        return head_products(kernel_HED)
-
     # One block at a time, so that a bfloat16 model never has every kernel in float32 at once.
-    return jax.lax.map(one_block, o_kernel_LHED)
+    return jax.lax.map(head_products, o_kernel_LHED)
 
 
 def head_products(o_kernel_HED: jax.Array) -> jax.Array:

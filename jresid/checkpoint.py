@@ -367,14 +367,19 @@ class Checkpoint:
             for rule in tensor_rules(self.config):
                 if not rule.per_layer:
                     continue
-                info = self.tensors[rule.hf_name.format(l=layer)]
                 value = aligned_empty(param_shape(rule, self.config)[1:], dtype)
-                _copy_releasing(rule.to_jresid(maps.view(info), self.config), value, lambda: maps.release(info))
-                maps.release(info)
+                self._copy_tensor(rule, layer, (), value, maps)
                 out[rule.param.removeprefix("blocks.")] = value
         finally:
             maps.close()
         return out
+
+    def _copy_tensor(self, rule: TensorRule, layer: int | None, index: tuple[slice, ...], out: np.ndarray,
+                     maps: _MappedFiles) -> None:
+        """Copy the `index` slice of one stored tensor, in jresid's layout, into `out`."""
+        info = self.tensors[rule.hf_name.format(l=layer)]
+        _copy_releasing(rule.to_jresid(maps.view(info), self.config)[index], out, lambda: maps.release(info))
+        maps.release(info)
 
     def read_embedding_rows(self, ids: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """Return the embedding rows of `ids` (any shape), read from the file without loading the whole table."""
@@ -391,21 +396,16 @@ class Checkpoint:
         config = self.config
         shape = param_shape(rule, config)
 
-        def copy_out(layer: int | None, index: tuple[slice, ...], out: np.ndarray) -> None:
-            info = self.tensors[rule.hf_name.format(l=layer)]
-            _copy_releasing(rule.to_jresid(maps.view(info), config)[index], out, lambda: maps.release(info))
-            maps.release(info)
-
         def read_slice(index: tuple[slice, ...]) -> np.ndarray:
             # Fresh arrays, never views: the memory maps close after loading.
             # Aligned, so that jax takes them over without a copy on CPU.
             out = aligned_empty(_sliced_shape(shape, index), dtype)
             if not rule.per_layer:
-                copy_out(None, index, out)
+                self._copy_tensor(rule, None, index, out, maps)
                 return out
             layers = range(config.num_hidden_layers)[index[0]]
             for i, layer in enumerate(layers):
-                copy_out(layer, index[1:], out[i])
+                self._copy_tensor(rule, layer, index[1:], out[i], maps)
             return out
 
         return jax.make_array_from_callback(shape, sharding, read_slice)

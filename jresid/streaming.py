@@ -137,10 +137,12 @@ class StreamedModel:
 
         start = time.perf_counter()
         x_BTD = jnp.asarray(self.checkpoint.read_embedding_rows(np.asarray(ids_BT), self.dtype))
+        valid_BT = mask_BT.astype(bool)
+        positions = _attention_inputs(self.config, valid_BT)
         per_layer = []
         for layer in range(num_layers):
             state = self.block_state(layer)
-            x_BTD, metrics = _block_step(self._graphdef, state, x_BTD, mask_BT, metric_options, self.config)
+            x_BTD, metrics = _block_step(self._graphdef, state, x_BTD, valid_BT, positions, metric_options)
             per_layer.append(metrics)
             del state
             logger.debug("block %d of %d dispatched after %.1f s", layer + 1, num_layers,
@@ -166,11 +168,13 @@ def stream_pretrained(path: str | os.PathLike[str], dtype=None) -> StreamedModel
     return StreamedModel(path, dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _block_step(graphdef, state, x_BTD, mask_BT, options: MetricOptions, config: Qwen2Config):
+_attention_inputs = jax.jit(attention_inputs, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _block_step(graphdef, state, x_BTD, valid_BT, positions, options: MetricOptions):
     block = nnx.merge(graphdef, state)
-    valid_BT = mask_BT.astype(bool)
-    cos_BTE, sin_BTE, allowed_BTS = attention_inputs(config, valid_BT)
+    cos_BTE, sin_BTE, allowed_BTS = positions
     acts = block(x_BTD, cos_BTE, sin_BTE, allowed_BTS)
     metrics = block_metrics(block, acts, valid_BT, options=options)
     return acts.resid_post, metrics

@@ -201,14 +201,20 @@ def test_metrics_match_transformer_lens_cache(tiny_untied, model, batch):
     assert_metrics_close(ours, expected, "TransformerLens cache")
 
 
-def test_component_gram_matches_explicit_rows():
-    from jresid.analyze import component_gram
-
-    rng = np.random.default_rng(11)
-    B, T, H, E, D = 2, 5, 3, 4, 6
+def random_components(seed: int, B: int, T: int, H: int, E: int, D: int):
+    """Return float32 head outputs z `[B, T, H, E]`, an output kernel `[H, E, D]` and MLP outputs `[B, T, D]`."""
+    rng = np.random.default_rng(seed)
     z = rng.normal(size=(B, T, H, E)).astype(np.float32)
     w = rng.normal(size=(H, E, D)).astype(np.float32)
     mlp = rng.normal(size=(B, T, D)).astype(np.float32)
+    return z, w, mlp
+
+
+def test_component_gram_matches_explicit_rows():
+    from jresid.analyze import component_gram
+
+    B, T, H, E, D = 2, 5, 3, 4, 6
+    z, w, mlp = random_components(11, B, T, H, E, D)
 
     gram = np.asarray(component_gram(z, w, mlp))
 
@@ -222,11 +228,8 @@ def test_component_gram_matches_explicit_rows():
 def test_component_gram_with_given_products():
     from jresid.analyze import component_gram, head_products
 
-    rng = np.random.default_rng(12)
     B, T, H, E, D = 1, 4, 3, 2, 5
-    z = rng.normal(size=(B, T, H, E)).astype(np.float32)
-    w = rng.normal(size=(H, E, D)).astype(np.float32)
-    mlp = rng.normal(size=(B, T, D)).astype(np.float32)
+    z, w, mlp = random_components(12, B, T, H, E, D)
 
     products = np.asarray(head_products(w))
     w64 = w.astype(np.float64)
